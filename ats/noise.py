@@ -1,0 +1,175 @@
+"""Noise schedules of diffusion models in continuous time.
+
+x_t = alpha_t * x_0 + sigma_t * eps and lambda_t = log(alpha_t / sigma_t). The method
+names follow DPM-Solver (``marginal_log_mean_coeff``, ``marginal_std``, ...), so code
+written against DPM-Solver's ``NoiseScheduleVP`` reads the same here. Every method takes
+a tensor ``t`` of any shape and is differentiable in it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp, fp) at x, extrapolating the end segments.
+
+    ``xp`` must be increasing; differentiable in ``x``; ``x`` may have any shape.
+    """
+    xp = xp.to(x)
+    fp = fp.to(x)
+    idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
+    x0, x1 = xp[idx - 1], xp[idx]
+    f0, f1 = fp[idx - 1], fp[idx]
+    return f0 + (f1 - f0) * (x - x0) / (x1 - x0)
+
+
+class NoiseSchedule:
+    """Common interface. Subclasses define ``marginal_log_mean_coeff``, ``marginal_std``
+    and ``inverse_lambda``; ``T``/``eps`` are the default start and end times and
+    ``t_min``/``t_max`` the range where times are valid."""
+
+    T: float
+    eps: float
+    t_min: float
+    t_max: float
+
+    def marginal_log_mean_coeff(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def inverse_lambda(self, lam: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def marginal_alpha(self, t: Tensor) -> Tensor:
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_lambda(self, t: Tensor) -> Tensor:
+        return self.marginal_log_mean_coeff(t) - torch.log(self.marginal_std(t))
+
+    def edm_sigma(self, t: Tensor) -> Tensor:
+        """sigma_t / alpha_t = exp(-lambda_t): the noise level of EDM's x / alpha_t."""
+        return torch.exp(-self.marginal_lambda(t))
+
+    def inverse_edm_sigma(self, sigma: Tensor) -> Tensor:
+        return self.inverse_lambda(-torch.log(sigma))
+
+    def _tensor(self, t) -> Tensor:
+        return t if torch.is_tensor(t) else torch.tensor(t, dtype=torch.float64)
+
+
+class NoiseScheduleVP(NoiseSchedule):
+    """Variance-preserving schedules (alpha_t^2 + sigma_t^2 = 1), as in DPM-Solver.
+
+    - ``"discrete"``: from a DDPM's ``betas`` or ``alphas_cumprod`` (N entries). The
+      training step k sits at t_k = (k + 1) / N with log alpha = 0.5 log(alphas_cumprod[k]),
+      interpolated piecewise-linearly in t. T = 1, eps = 1 / N.
+    - ``"linear"``: log alpha_t = -(beta_1 - beta_0) t^2 / 4 - beta_0 t / 2. T = 1, eps = 1e-3.
+    - ``"cosine"``: log alpha_t = log cos(pi/2 (t+s)/(1+s)) - log cos(pi/2 s/(1+s)),
+      s = 0.008. T = 0.9946, eps = 1e-3.
+    """
+
+    def __init__(self, schedule: str = "discrete", betas: Tensor | None = None,
+                 alphas_cumprod: Tensor | None = None, beta_0: float = 0.1,
+                 beta_1: float = 20., dtype: torch.dtype = torch.float64) -> None:
+        if schedule not in ("discrete", "linear", "cosine"):
+            raise ValueError(f"NoiseScheduleVP: unknown schedule {schedule!r}; "
+                             "use 'discrete', 'linear' or 'cosine'")
+        self.schedule = schedule
+        if schedule == "discrete":
+            if (betas is None) == (alphas_cumprod is None):
+                raise ValueError("NoiseScheduleVP('discrete') needs exactly one of "
+                                 "betas= or alphas_cumprod=")
+            if betas is not None:
+                betas = torch.as_tensor(betas, dtype=torch.float64)
+                log_alphas = 0.5 * torch.cumsum(torch.log1p(-betas), dim=0)
+            else:
+                ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+                log_alphas = 0.5 * torch.log(ac)
+            if log_alphas.ndim != 1 or len(log_alphas) < 2 or not torch.isfinite(log_alphas).all() \
+                    or not (log_alphas[1:] < log_alphas[:-1]).all() or log_alphas[0] >= 0:
+                raise ValueError("NoiseScheduleVP('discrete'): betas must lie in (0, 1) "
+                                 "(alphas_cumprod strictly decreasing in (0, 1)), 1-D, 2+ entries")
+            n = len(log_alphas)
+            self.total_N = n
+            self.t_array = torch.linspace(0., 1., n + 1, dtype=torch.float64)[1:]
+            self.log_alpha_array = log_alphas
+            self.T, self.eps = 1., 1. / n
+            self.t_min, self.t_max = 1. / n, 1.
+        elif schedule == "linear":
+            self.beta_0, self.beta_1 = float(beta_0), float(beta_1)
+            if not 0 <= self.beta_0 < self.beta_1:
+                raise ValueError("NoiseScheduleVP('linear'): need 0 <= beta_0 < beta_1")
+            self.T, self.eps = 1., 1e-3
+            self.t_min, self.t_max = 0., 1.
+        else:
+            self.cosine_s = 0.008
+            self.cosine_log_alpha_0 = math.log(math.cos(self.cosine_s / (1. + self.cosine_s) * math.pi / 2.))
+            self.T, self.eps = 0.9946, 1e-3
+            self.t_min, self.t_max = 0., 0.9946
+
+    def marginal_log_mean_coeff(self, t: Tensor) -> Tensor:
+        t = self._tensor(t)
+        if self.schedule == "discrete":
+            return interp(t, self.t_array, self.log_alpha_array)
+        if self.schedule == "linear":
+            return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        s = self.cosine_s
+        return torch.log(torch.cos((t + s) / (1. + s) * math.pi / 2.)) - self.cosine_log_alpha_0
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return torch.sqrt(-torch.expm1(2. * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t: Tensor) -> Tensor:
+        log_mean = self.marginal_log_mean_coeff(t)
+        return log_mean - 0.5 * torch.log(-torch.expm1(2. * log_mean))
+
+    def inverse_lambda(self, lam: Tensor) -> Tensor:
+        lam = self._tensor(lam)
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2. * lam)
+        if self.schedule == "discrete":
+            return interp(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
+        if self.schedule == "linear":
+            tmp = 2. * (self.beta_1 - self.beta_0) * torch.logaddexp(-2. * lam, torch.zeros_like(lam))
+            delta = self.beta_0 ** 2 + tmp
+            return tmp / (torch.sqrt(delta) + self.beta_0) / (self.beta_1 - self.beta_0)
+        s = self.cosine_s
+        return 2. * (1. + s) / math.pi * torch.arccos(torch.exp(log_alpha + self.cosine_log_alpha_0)) - s
+
+    def __repr__(self) -> str:
+        if self.schedule == "discrete":
+            return f"NoiseScheduleVP('discrete', N={self.total_N})"
+        if self.schedule == "linear":
+            return f"NoiseScheduleVP('linear', beta_0={self.beta_0}, beta_1={self.beta_1})"
+        return "NoiseScheduleVP('cosine')"
+
+
+class EDMSchedule(NoiseSchedule):
+    """EDM / variance-exploding: alpha_t = 1, sigma_t = t (time is the noise level).
+
+    T = sigma_max, eps = sigma_min (Karras et al., 2022: 80 and 0.002)."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.) -> None:
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError("EDMSchedule: need 0 < sigma_min < sigma_max")
+        self.T, self.eps = float(sigma_max), float(sigma_min)
+        self.t_min, self.t_max = 0., math.inf
+
+    def marginal_log_mean_coeff(self, t: Tensor) -> Tensor:
+        return torch.zeros_like(self._tensor(t))
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        return self._tensor(t)
+
+    def marginal_lambda(self, t: Tensor) -> Tensor:
+        return -torch.log(self._tensor(t))
+
+    def inverse_lambda(self, lam: Tensor) -> Tensor:
+        return torch.exp(-self._tensor(lam))
+
+    def __repr__(self) -> str:
+        return f"EDMSchedule(sigma_min={self.eps}, sigma_max={self.T})"

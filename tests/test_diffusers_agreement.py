@@ -29,7 +29,9 @@ last (order <= 2) steps only when ``lower_order_final`` and fewer than 15 steps;
 lowers min(order, steps - i) whenever ``lower_order_final``, with no step threshold; ats
 (as DPM-Solver) lowers min(order, steps - i) when ``lower_order_final`` and fewer than 10
 steps. All take order min(order, i + 1) for warm-up. So grids use N < 10 with
-``lower_order_final=True`` on both sides, and N = 12 with it off on both sides.
+``lower_order_final=True`` on both sides, N = 12 with it off on both sides, and (DPM-Solver++
+only) N = 20 with it on. With it on, N in 10..14 (DPM-Solver++) or N >= 10 (UniPC) would
+differ: diffusers lowers the last orders there and ats does not.
 ``prediction_type="epsilon"``, thresholding off, karras/exponential/beta sigmas off.
 
 Precision: diffusers keeps its sigmas in float32 and DPM-Solver++ even casts the sample to
@@ -137,8 +139,12 @@ def multistep_scheduler(cls, beta_schedule: str, spacing: str, offset: int, n: i
     return sched, ks
 
 
+# 20 >= 15 steps: neither diffusers' DPM-Solver++ nor ats lowers the final orders.
+DPM_GRIDS = MULTISTEP_GRIDS + [("linear", "trailing", 0, 20, True)]
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("grid", MULTISTEP_GRIDS, ids=GRID_IDS)
+@pytest.mark.parametrize("grid", DPM_GRIDS, ids=[f"{b[:6]}-{s}-N{n}-lof{int(lof)}" for b, s, _, n, lof in DPM_GRIDS])
 def test_dpm_solver_pp_matches_diffusers(grid, order):
     beta_schedule, spacing, offset, n, lof = grid
     sched, ks = multistep_scheduler(DPMSolverMultistepScheduler, beta_schedule, spacing, offset, n, lof,

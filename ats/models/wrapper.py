@@ -8,7 +8,8 @@ Time input: discrete-time VP models (``NoiseScheduleVP('discrete')``) get
 level sigma = sigma_t / alpha_t together with x / alpha_t (Karras et al., 2022).
 
 Conversions to the noise prediction eps (x_t = alpha_t x0 + sigma_t eps):
-noise: eps; x_start: (x - alpha_t x0) / sigma_t; v: alpha_t v + sigma_t x;
+noise: eps; x_start: (x - alpha_t x0) / sigma_t; v (= alpha_t eps - sigma_t x0):
+(alpha_t v + sigma_t x) / (alpha_t^2 + sigma_t^2), which is alpha_t v + sigma_t x for VP;
 score: -sigma_t * score; edm: (x - alpha_t D(x / alpha_t; sigma)) / sigma_t.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: st
         if model_type in ("x_start", "edm"):
             return (x - alpha * out) / sigma
         if model_type == "v":
-            return alpha * out + sigma * x
+            return (alpha * out + sigma * x) / (alpha ** 2 + sigma ** 2)
         return -sigma * out
 
     def cond_grad(x: Tensor, t: Tensor) -> Tensor:

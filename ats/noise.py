@@ -51,6 +51,10 @@ class NoiseSchedule:
     def marginal_lambda(self, t: Tensor) -> Tensor:
         return self.marginal_log_mean_coeff(t) - torch.log(self.marginal_std(t))
 
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(alpha_t, sigma_t, lambda_t) in one pass; what every solver step needs."""
+        return self.marginal_alpha(t), self.marginal_std(t), self.marginal_lambda(t)
+
     def edm_sigma(self, t: Tensor) -> Tensor:
         """sigma_t / alpha_t = exp(-lambda_t): the noise level of EDM's x / alpha_t."""
         return torch.exp(-self.marginal_lambda(t))
@@ -127,6 +131,11 @@ class NoiseScheduleVP(NoiseSchedule):
     def marginal_lambda(self, t: Tensor) -> Tensor:
         log_mean = self.marginal_log_mean_coeff(t)
         return log_mean - 0.5 * torch.log(-torch.expm1(2. * log_mean))
+
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        log_mean = self.marginal_log_mean_coeff(t)
+        log_std = 0.5 * torch.log(-torch.expm1(2. * log_mean))
+        return torch.exp(log_mean), torch.exp(log_std), log_mean - log_std
 
     def inverse_lambda(self, lam: Tensor) -> Tensor:
         lam = self._tensor(lam)

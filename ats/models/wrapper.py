@@ -82,14 +82,12 @@ def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: st
         return t
 
     def noise_pred(x: Tensor, t: Tensor, cond: Any, kwargs: dict) -> Tensor:
-        t_in = time_input(t)
+        if model_type == "noise":
+            return model(*((x, time_input(t)) if cond is None else (x, time_input(t), cond)), **kwargs)
         alpha = expand_dims(noise_schedule.marginal_alpha(t), x.ndim)
         sigma = expand_dims(noise_schedule.marginal_std(t), x.ndim)
         x_in = x / alpha if model_type == "edm" else x
-        args = (x_in, t_in) if cond is None else (x_in, t_in, cond)
-        out = model(*args, **kwargs)
-        if model_type == "noise":
-            return out
+        out = model(*((x_in, time_input(t)) if cond is None else (x_in, time_input(t), cond)), **kwargs)
         if model_type in ("x_start", "edm"):
             return (x - alpha * out) / sigma
         if model_type == "v":

@@ -1,8 +1,8 @@
 """Solvers for the probability-flow ODE, one ``sample()`` entry and one step function each."""
 from .sample import SOLVERS, VARIANTS, get_step_fn, nfe, sample, solver_spec, step_orders
-from .steps import (SolverState, ddim_step, dpm_solver_pp_step, euler_step, heun_step, ipndm_step,
+from .steps import (Coeffs, SolverState, coeffs, ddim_step, dpm_solver_pp_step, euler_step, heun_step, ipndm_step,
                     uni_pc_step)
 
 __all__ = ["sample", "nfe", "step_orders", "get_step_fn", "solver_spec", "SOLVERS", "VARIANTS",
-           "SolverState", "ddim_step", "euler_step", "heun_step", "dpm_solver_pp_step",
+           "Coeffs", "coeffs", "SolverState", "ddim_step", "euler_step", "heun_step", "dpm_solver_pp_step",
            "uni_pc_step", "ipndm_step"]

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from ..discretize import check_time_range
 from ..noise import NoiseSchedule
-from .steps import (SolverState, ddim_step, dpm_solver_pp_step, euler_step, heun_step, ipndm_step,
-                    uni_pc_step)
+from .steps import (SolverState, ddim_step, dpm_solver_pp_step, euler_step, grid_coeffs, heun_step,
+                    ipndm_step, uni_pc_step)
 
 
 class SolverSpec(NamedTuple):
@@ -79,6 +79,7 @@ def get_step_fn(solver: str, eta: float = 0., variant: str = "bh1",
 
 
 def _as_batch_times(name: str, ts: Tensor, batch: int, x: Tensor) -> Tensor:
+    """[N+1] -> [1, N+1] (one schedule for the batch); [B, N+1] stays per sample."""
     if not torch.is_tensor(ts):
         ts = torch.as_tensor(ts, dtype=x.dtype)
     if ts.ndim not in (1, 2) or (ts.ndim == 2 and ts.shape[0] not in (1, batch)):
@@ -86,7 +87,7 @@ def _as_batch_times(name: str, ts: Tensor, batch: int, x: Tensor) -> Tensor:
                          f"got {tuple(ts.shape)}")
     if ts.shape[-1] < 2:
         raise ValueError(f"{name} needs at least 2 entries (N >= 1 steps), got {ts.shape[-1]}")
-    return ts.to(device=x.device, dtype=x.dtype).expand(batch, ts.shape[-1])
+    return ts.to(device=x.device, dtype=x.dtype).reshape(-1, ts.shape[-1])
 
 
 def sample(model_fn: Callable[[Tensor, Tensor], Tensor], noise_schedule: NoiseSchedule, x: Tensor,
@@ -112,18 +113,21 @@ def sample(model_fn: Callable[[Tensor, Tensor], Tensor], noise_schedule: NoiseSc
         check_time_range(noise_schedule, ts, "timesteps")
         if not (ts[:, 1:] < ts[:, :-1]).all():
             raise ValueError("timesteps must be strictly decreasing (t_0 > t_1 > ... > t_N) for every sample")
-    cs = ts
+    cs = [None] * (steps + 1)
     if cond_timesteps is not None:
-        cs = _as_batch_times("cond_timesteps", cond_timesteps, x.shape[0], x)
-        if cs.shape != ts.shape:
-            raise ValueError(f"cond_timesteps has {cs.shape[1]} entries per sample, timesteps {ts.shape[1]}")
+        cond = _as_batch_times("cond_timesteps", cond_timesteps, x.shape[0], x)
+        if cond.shape[1] != ts.shape[1]:
+            raise ValueError(f"cond_timesteps has {cond.shape[1]} entries per sample, timesteps {ts.shape[1]}")
         with torch.no_grad():
-            check_time_range(noise_schedule, cs, "cond_timesteps")
+            check_time_range(noise_schedule, cond, "cond_timesteps")
+        ts, cond = torch.broadcast_tensors(ts, cond)
+        cs = cond.unbind(1)
+    grid = grid_coeffs(noise_schedule, ts, x.ndim)
     state = SolverState()
     trajectory = [x]
     for i in range(steps):
-        x, state = step_fn(model_fn, noise_schedule, x, ts[:, i], ts[:, i + 1], state, order=orders[i],
-                           cond_t=cs[:, i], cond_next=cs[:, i + 1], last=i == steps - 1)
+        x, state = step_fn(model_fn, x, grid[i], grid[i + 1], state, order=orders[i],
+                           cond_t=cs[i], cond_next=cs[i + 1], last=i == steps - 1)
         if return_intermediates:
             trajectory.append(x)
     return (x, torch.stack(trajectory)) if return_intermediates else x

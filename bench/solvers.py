@@ -6,7 +6,8 @@ for DDIM, DPM-Solver++(2M) and UniPC-bh2 (order 3) at NFE 5, 10 and 20. Each
 configuration is timed over repeated runs after a warm-up and the median reported, as
 well as the median of the bare network calls alone, so overhead per step =
 (total - network) / NFE. The last column checks that both computed the same thing
-(float32, so agreement is only to ~1e-5 relative). ``lower_order_final`` is off on both sides so that both run the
+(float32, so agreement is only to ~1e-5 relative). The last two columns time ats with
+one schedule per sample ([B, N+1], each grid point jittered) against the shared schedule. ``lower_order_final`` is off on both sides so that both run the
 same orders at every NFE (their step-count thresholds differ).
 
 Run: ``python bench/solvers.py`` from the repository root. Writes
@@ -99,15 +100,26 @@ def bench_one(model: MLP, x: torch.Tensor, solver: str, nfe: int) -> dict:
     def run_ats() -> torch.Tensor:
         return sample(model_fn, ns, x, times, solver, **kwargs)
 
+    # One schedule per sample: the same grid jittered inside each interval, [B, N+1].
+    gaps = times[:-1] - times[1:]
+    jitter = 0.2 * (torch.rand(x.shape[0], nfe - 1, dtype=times.dtype) - 0.5) * gaps[1:]
+    per_sample = times.repeat(x.shape[0], 1)
+    per_sample[:, 1:-1] += jitter
+
+    def run_ats_per_sample() -> torch.Tensor:
+        return sample(model_fn, ns, x, per_sample, solver, **kwargs)
+
     def run_network() -> None:
         for k in ks[:-1]:
             model(x, k)
 
     t_diff, t_ats, t_net = median_time(run_diffusers), median_time(run_ats), median_time(run_network)
+    t_per_sample = median_time(run_ats_per_sample)
     ref = run_diffusers()
     return {
         "solver": solver, "nfe": nfe, "diffusers_ms": 1e3 * t_diff, "ats_ms": 1e3 * t_ats,
         "network_ms": 1e3 * t_net, "ratio_ats_over_diffusers": t_ats / t_diff,
+        "ats_per_sample_ms": 1e3 * t_per_sample, "ratio_per_sample_over_global": t_per_sample / t_ats,
         "diffusers_overhead_ms_per_step": 1e3 * (t_diff - t_net) / nfe,
         "ats_overhead_ms_per_step": 1e3 * (t_ats - t_net) / nfe,
         "max_rel_diff": ((run_ats() - ref).abs().max() / ref.abs().max()).item(),
@@ -116,13 +128,15 @@ def bench_one(model: MLP, x: torch.Tensor, solver: str, nfe: int) -> dict:
 
 def to_markdown(rows: list[dict]) -> str:
     head = ("| solver | NFE | diffusers ms | ats ms | ats/diffusers | network ms | "
-            "diffusers overhead ms/step | ats overhead ms/step | max diff / max abs |")
-    lines = [head, "|" + "---|" * 9]
+            "diffusers overhead ms/step | ats overhead ms/step | max diff / max abs | "
+            "ats per-sample ms | per-sample / global |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['solver']} | {r['nfe']} | {r['diffusers_ms']:.2f} | {r['ats_ms']:.2f} | "
                      f"{r['ratio_ats_over_diffusers']:.2f} | {r['network_ms']:.2f} | "
                      f"{r['diffusers_overhead_ms_per_step']:.3f} | {r['ats_overhead_ms_per_step']:.3f} | "
-                     f"{r['max_rel_diff']:.1e} |")
+                     f"{r['max_rel_diff']:.1e} | {r['ats_per_sample_ms']:.2f} | "
+                     f"{r['ratio_per_sample_over_global']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

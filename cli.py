@@ -79,6 +79,9 @@ def compare(dataset, solvers, nfes, discretizations, n_samples, seed, dim, compo
                 table.add_row(solver, str(n), *(f"[bold]{errs[k]:.4f}[/bold]" if errs[k] == best
                                                 else f"{errs[k]:.4f}" for k in discretizations))
     console.print(table)
+    skipped = sorted({(r, n) for r in solvers for n in nfes} - {(r.solver, r.nfe) for r in rows})
+    for solver, n in skipped:
+        console.print(f"{solver}: NFE {n} skipped (Heun's N steps cost 2N - 1 calls, so its NFE is odd)")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -30,22 +32,34 @@ def check_time_range(noise_schedule: NoiseSchedule, t: Tensor, name: str) -> Non
                          f"but {noise_schedule!r} accepts {bound}")
 
 
+def time_ends(noise_schedule: NoiseSchedule, t_start: float | None = None, t_end: float | None = None,
+              dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """[t_start, t_end] (defaults T and eps), checked to lie in range with t_start > t_end."""
+    ends = torch.tensor([noise_schedule.T if t_start is None else float(t_start),
+                         noise_schedule.eps if t_end is None else float(t_end)], dtype=dtype, device=device)
+    check_time_range(noise_schedule, ends, "t_start/t_end")
+    if not ends[0] > ends[1]:
+        raise ValueError(f"t_start ({ends[0].item():g}) must be greater than t_end ({ends[1].item():g})")
+    return ends
+
+
 def get_timesteps(noise_schedule: NoiseSchedule, kind: str, steps: int,
                   t_start: float | None = None, t_end: float | None = None, rho: float = 7.,
                   dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
     """N+1 decreasing times from ``t_start`` (default T) to ``t_end`` (default eps), exact ends."""
     if kind not in KINDS:
         raise ValueError(f"unknown discretization kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if not isinstance(steps, int) or steps < 1:
+    try:
+        n = operator.index(steps)
+    except TypeError:
+        n = 0
+    if n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = n
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
-    t_start = noise_schedule.T if t_start is None else float(t_start)
-    t_end = noise_schedule.eps if t_end is None else float(t_end)
-    ends = torch.tensor([t_start, t_end], dtype=dtype, device=device)
-    check_time_range(noise_schedule, ends, "t_start/t_end")
-    if not t_start > t_end:
-        raise ValueError(f"t_start ({t_start}) must be greater than t_end ({t_end})")
+    ends = time_ends(noise_schedule, t_start, t_end, dtype, device)
+    t_start, t_end = ends.tolist()
     u = torch.linspace(0., 1., steps + 1, dtype=dtype, device=device)
     if kind == "time_uniform":
         t = t_start + (t_end - t_start) * u

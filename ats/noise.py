@@ -16,10 +16,9 @@ from torch import Tensor
 def interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Piecewise-linear interpolation of (xp, fp) at x, extrapolating the end segments.
 
-    ``xp`` must be increasing; differentiable in ``x``; ``x`` may have any shape.
+    ``xp`` and ``fp`` must be on x's device and dtype, ``xp`` increasing; differentiable
+    in ``x``; ``x`` may have any shape.
     """
-    xp = xp.to(x)
-    fp = fp.to(x)
     idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, len(xp) - 1)
     x0, x1 = xp[idx - 1], xp[idx]
     f0, f1 = fp[idx - 1], fp[idx]
@@ -102,6 +101,7 @@ class NoiseScheduleVP(NoiseSchedule):
             self.total_N = n
             self.t_array = torch.linspace(0., 1., n + 1, dtype=torch.float64)[1:]
             self.log_alpha_array = log_alphas
+            self._tables: dict = {}
             self.T, self.eps = 1., 1. / n
             self.t_min, self.t_max = 1. / n, 1.
         elif schedule == "linear":
@@ -116,10 +116,17 @@ class NoiseScheduleVP(NoiseSchedule):
             self.T, self.eps = 0.9946, 1e-3
             self.t_min, self.t_max = 0., 0.9946
 
+    def _table(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(t_array, log_alpha_array) on like's device and dtype, converted once."""
+        key = (like.device, like.dtype)
+        if key not in self._tables:
+            self._tables[key] = (self.t_array.to(like), self.log_alpha_array.to(like))
+        return self._tables[key]
+
     def marginal_log_mean_coeff(self, t: Tensor) -> Tensor:
         t = self._tensor(t)
         if self.schedule == "discrete":
-            return interp(t, self.t_array, self.log_alpha_array)
+            return interp(t, *self._table(t))
         if self.schedule == "linear":
             return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
         s = self.cosine_s
@@ -141,7 +148,8 @@ class NoiseScheduleVP(NoiseSchedule):
         lam = self._tensor(lam)
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2. * lam)
         if self.schedule == "discrete":
-            return interp(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
+            t_array, log_alpha_array = self._table(lam)
+            return interp(log_alpha, log_alpha_array.flip(0), t_array.flip(0))
         if self.schedule == "linear":
             tmp = 2. * (self.beta_1 - self.beta_0) * torch.logaddexp(-2. * lam, torch.zeros_like(lam))
             delta = self.beta_0 ** 2 + tmp

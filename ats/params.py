@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .discretize import time_ends
 from .noise import NoiseSchedule
 
 SPACES = ("lambda", "time")
@@ -25,20 +26,17 @@ def _check_space(space: str) -> None:
         raise ValueError(f"unknown parameterization space {space!r}; choose 'lambda' or 'time'")
 
 
-def _ends(ns: NoiseSchedule, like: Tensor, t_start: float | None, t_end: float | None) -> Tensor:
-    return torch.tensor([ns.T if t_start is None else t_start, ns.eps if t_end is None else t_end],
-                        dtype=like.dtype, device=like.device)
-
-
 def timesteps_from_logits(theta: Tensor, noise_schedule: NoiseSchedule, t_start: float | None = None,
                           t_end: float | None = None, space: str = "lambda") -> Tensor:
     """Decreasing times [..., N+1] from logits [..., N+1] (see module docstring)."""
     _check_space(space)
     if theta.shape[-1] < 2:
         raise ValueError(f"theta needs N+1 >= 2 entries in its last dimension, got {theta.shape[-1]}")
+    if not torch.isfinite(theta).all():
+        raise ValueError("theta contains NaN or inf; the schedule would not be monotone")
     c = torch.cumsum(torch.softmax(theta, dim=-1), dim=-1)
     u = (c - c[..., :1]) / (c[..., -1:] - c[..., :1])
-    ends = _ends(noise_schedule, theta, t_start, t_end)
+    ends = time_ends(noise_schedule, t_start, t_end, theta.dtype, theta.device)
     if space == "time":
         t = ends[0] + (ends[1] - ends[0]) * u
     else:

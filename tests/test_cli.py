@@ -3,15 +3,34 @@ from click.testing import CliRunner
 from cli import main
 
 
+def table_rows(output: str) -> dict[tuple[str, int], list[float]]:
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) > 2 and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]))] = [float(c) for c in cells[2:]]
+    return rows
+
+
 def test_compare_runs_end_to_end():
     result = CliRunner().invoke(main, ["compare", "--dataset", "gmm", "--n", "32", "--dim", "4",
-                                       "--solvers", "uni_pc,heun", "--nfe", "3,5", "--discretizations", "logSNR,edm"])
+                                       "--solvers", "uni_pc,heun", "--nfe", "9,41", "--discretizations", "logSNR,edm"])
     assert result.exit_code == 0, result.output
     assert "mean L2 error" in result.output
-    rows = [line for line in result.output.splitlines() if "uni_pc" in line or "heun" in line]
-    assert len(rows) == 4
-    values = [float(v) for line in rows for v in line.replace("│", " ").split()[2:]]
-    assert len(values) == 8 and all(0 < v < 10 for v in values)
+    rows = table_rows(result.output)
+    assert set(rows) == {("uni_pc", 9), ("uni_pc", 41), ("heun", 9), ("heun", 41)}
+    assert all(len(v) == 2 and 0 < min(v) and max(v) < 10 for v in rows.values())
+    # Far more steps, far smaller error, for every discretization and solver.
+    for solver in ("uni_pc", "heun"):
+        assert all(b < a / 4 for a, b in zip(rows[(solver, 9)], rows[(solver, 41)]))
+
+
+def test_heun_skips_even_nfe():
+    result = CliRunner().invoke(main, ["compare", "--n", "8", "--dim", "2", "--solvers", "heun,ddim", "--nfe", "4",
+                                       "--discretizations", "logSNR"])
+    assert result.exit_code == 0, result.output
+    assert set(table_rows(result.output)) == {("ddim", 4)}
+    assert "heun: NFE 4 skipped" in result.output
 
 
 def test_bad_flags_give_one_line_errors():

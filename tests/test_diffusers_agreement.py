@@ -177,9 +177,13 @@ def test_dpm_solver_pp_custom_timesteps(order):
     check_agreement(out, ref, x)
 
 
+# UniPC lowers its final orders at any N (ats follows UniPC there), so N = 12 with it on agrees too.
+UNIPC_GRIDS = MULTISTEP_GRIDS + [("linear", "trailing", 0, 12, True)]
+
+
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
-@pytest.mark.parametrize("grid", MULTISTEP_GRIDS, ids=grid_ids(MULTISTEP_GRIDS))
+@pytest.mark.parametrize("grid", UNIPC_GRIDS, ids=grid_ids(UNIPC_GRIDS))
 def test_uni_pc_matches_diffusers(grid, variant, order):
     beta_schedule, spacing, offset, n, lof = grid
     sched, ks = multistep_scheduler(UniPCMultistepScheduler, beta_schedule, spacing, offset, n, lof,
@@ -216,3 +220,23 @@ def test_ddim_matches_diffusers(grid):
     ref = run_diffusers(sched, model, x, ks, eta=0.0)
     out = run_ats(sched, model, x, to_times(ks + targets[-1:]), "ddim")
     check_agreement(out, ref, x)
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_ddim_with_noise_matches_diffusers(eta):
+    """Stochastic DDIM: diffusers gets the same standard normal draws as ``variance_noise``
+    (ats draws one per step from its generator, in step order)."""
+    n = 5
+    sched = DDIMScheduler(timestep_spacing="leading", steps_offset=1, clip_sample=False,
+                          set_alpha_to_one=False, prediction_type="epsilon")
+    sched.set_timesteps(n)
+    ks = sched.timesteps.tolist()
+    model, x = TinyEps(sched.alphas_cumprod, seed=7), initial_noise(seed=8)
+    g = torch.Generator().manual_seed(9)
+    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in ks]
+    ref = x
+    for k, z in zip(ks, noises):
+        ref = sched.step(model(ref, k), k, ref, eta=eta, variance_noise=z).prev_sample
+    out = run_ats(sched, model, x, to_times(ks + [0]), "ddim", eta=eta, generator=torch.Generator().manual_seed(9))
+    check_agreement(out, ref, x)
+    assert (out - run_ats(sched, model, x, to_times(ks + [0]), "ddim")).abs().max() > 0.1

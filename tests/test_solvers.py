@@ -131,10 +131,54 @@ def test_step_api_and_nfe(gmm, solver, order, kw):
     assert torch.equal(y, out)
 
 
+@pytest.mark.parametrize("solver, order, kw", CONFIGS, ids=IDS)
+def test_cond_timesteps_reach_the_network_only(gmm, solver, order, kw):
+    """The network sees cond_timesteps; the solver's coefficients keep the timesteps."""
+    seen = []
+    base = model_wrapper(gmm, LINEAR, model_type="edm")
+
+    def recording(x, t):
+        seen.append(t.detach().clone())
+        return base(x, t)
+
+    x = torch.randn(3, gmm.dim, dtype=torch.float64)
+    ts = get_timesteps(LINEAR, "logSNR", 4).expand(3, -1)
+    cs = (ts * torch.tensor([1., 0.9, 1.1, 0.95, 1.])).clone().requires_grad_(True)
+    out = sample(recording, LINEAR, x, ts, solver, order=order, cond_timesteps=cs, **kw)
+    # Heun's second stage sees the next cond time; every other call sees cs[:, i] of its step.
+    expected = [cs[:, i] for i in range(4)] if solver != "heun" else \
+        [c for i in range(4) for c in ((cs[:, i], cs[:, i + 1]) if i < 3 else (cs[:, i],))]
+    assert len(seen) == len(expected)
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got, want.detach())
+    plain = sample(base, LINEAR, x, ts, solver, order=order, **kw)
+    assert (out - plain).abs().max() > 1e-4
+    # Not the same as moving the whole schedule to cs: the coefficients still use ts.
+    moved = sample(base, LINEAR, x, cs.detach(), solver, order=order, **kw)
+    assert (out - moved).abs().max() > 1e-4
+    assert torch.autograd.grad(out.sum(), cs)[0][:, :4].abs().min() > 0
+
+
+def test_ancestral_step_on_edm_schedule():
+    """eta = 1 on a VE schedule is k-diffusion's ancestral Euler step."""
+    ns = EDMSchedule()
+    x0_true = torch.randn(4, 3, dtype=torch.float64)
+    model_fn = lambda x, t: (x - x0_true) / t[:, None]  # a denoiser that always knows x0
+    x = x0_true + 2. * torch.randn(4, 3, dtype=torch.float64)
+    out = sample(model_fn, ns, x, torch.tensor([2., 1.], dtype=torch.float64), "ddim", eta=1.,
+                 generator=torch.Generator().manual_seed(0))
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma_up = (1. ** 2 * (2. ** 2 - 1. ** 2) / 2. ** 2) ** 0.5
+    sigma_down = (1. - sigma_up ** 2) ** 0.5
+    d = (x - x0_true) / 2.
+    torch.testing.assert_close(out, x + (sigma_down - 2.) * d + sigma_up * z)
+
+
 def test_lower_order_final_and_warmup():
     assert step_orders("dpm_solver++", 5, 3) == [1, 2, 3, 2, 1]
     assert step_orders("dpm_solver++", 5, 3, lower_order_final=False) == [1, 2, 3, 3, 3]
-    assert step_orders("uni_pc", 12, 3) == [1, 2] + [3] * 10
+    assert step_orders("dpm_solver++", 12, 3) == [1, 2] + [3] * 10
+    assert step_orders("uni_pc", 12, 3) == [1, 2] + [3] * 8 + [2, 1]
     assert step_orders("ipndm", 5, 4) == [1, 2, 3, 4, 4]
     assert step_orders("heun", 3) == [2, 2, 2] and nfe("heun", 3) == 5
 
@@ -186,7 +230,10 @@ def test_cuda_matches_cpu(gmm, solver):
     (dict(solver="heun", order=1), "supports order 2"),
     (dict(solver="uni_pc", variant="bh3"), "unknown uni_pc variant"),
     (dict(solver="uni_pc", eta=0.5), "eta applies to solver 'ddim' only"),
-    (dict(solver="ddim", eta=-1.), "eta must be >= 0"),
+    (dict(solver="ddim", eta=-1.), r"eta must be in \[0, 1\]"),
+    (dict(solver="ddim", eta=1.2), r"eta must be in \[0, 1\]"),
+    (dict(solver="uni_pc", order=3.0), "supports order 1, 2, 3, got 3.0"),
+    (dict(solver="dpm_solver++", variant="b2"), "unknown uni_pc variant 'b2'"),
     (dict(cond_timesteps=torch.tensor([1., 0.5])), "cond_timesteps has 2 entries"),
     (dict(cond_timesteps=torch.tensor([1., 2., 0.1])), "cond_timesteps out of range"),
 ])

@@ -20,30 +20,58 @@ def exact(gmm, ns, x, t):
     return x0, (x - alpha * x0) / sigma, alpha, sigma
 
 
+def convert(model_type, eps, x0, alpha, sigma):
+    return {"noise": eps, "x_start": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma, "edm": x0}[model_type]
+
+
 def network(gmm, ns, model_type):
-    """A network predicting ``model_type`` from the time input model_wrapper must give it."""
+    """A network predicting ``model_type`` from the time input model_wrapper must give it.
+    With a condition c (a per-sample tensor) its noise prediction is eps + 0.1 c; the
+    keyword ``gain`` (per sample) scales that shift, so model_kwargs that get lost show."""
     discrete = getattr(ns, "schedule", "") == "discrete"
 
-    def net(x, t_input):
+    def net(x_in, t_input, cond=None, gain=None):
         if model_type == "edm":
-            return gmm(x, t_input)
-        t = t_input / 1000. + 1. / ns.total_N if discrete else t_input
-        x0, eps, alpha, sigma = exact(gmm, ns, x, t)
-        return {"noise": eps, "x_start": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma}[model_type]
+            t = ns.inverse_edm_sigma(t_input)
+            x = x_in * expand_dims(ns.marginal_alpha(t), x_in.ndim)
+        else:
+            t = t_input / 1000. + 1. / ns.total_N if discrete else t_input
+            x = x_in
+        _, eps, alpha, sigma = exact(gmm, ns, x, t)
+        if cond is not None:
+            eps = eps + 0.1 * cond[:, None] * (1. if gain is None else gain[:, None])
+        return convert(model_type, eps, (x - sigma * eps) / alpha, alpha, sigma)
     return net
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
 @pytest.mark.parametrize("model_type", ["noise", "x_start", "v", "score", "edm"])
-def test_model_types_give_the_noise_prediction(gmm, schedule, model_type):
+@pytest.mark.parametrize("guidance_type", ["uncond", "classifier", "classifier-free"])
+def test_every_model_type_with_every_guidance(gmm, schedule, model_type, guidance_type):
     ns = SCHEDULES[schedule]
-    x = torch.randn(6, gmm.dim, dtype=torch.float64)
-    t = torch.tensor([0.9, 0.5, 0.2, 0.05, 0.01, 0.002], dtype=torch.float64) * ns.T
-    t = t.clamp(min=ns.eps)
-    model_fn = model_wrapper(network(gmm, ns, model_type), ns, model_type=model_type)
-    torch.testing.assert_close(model_fn(x, t), exact(gmm, ns, x, t)[1])
+    b = 6
+    x = torch.randn(b, gmm.dim, dtype=torch.float64)
+    t = (torch.tensor([0.9, 0.5, 0.2, 0.05, 0.01, 0.002], dtype=torch.float64) * ns.T).clamp(min=ns.eps)
+    eps = exact(gmm, ns, x, t)[1]
+    sigma = ns.marginal_std(t)[:, None]
+    labels = torch.arange(1., b + 1., dtype=torch.float64)
+    gain = torch.linspace(0.5, 2., b, dtype=torch.float64)
+    mu = torch.randn(b, gmm.dim, dtype=torch.float64)
+    if guidance_type == "uncond":
+        kwargs, expected = {}, eps
+    elif guidance_type == "classifier":
+        kwargs = dict(condition=labels, guidance_scale=2.,
+                      classifier_fn=lambda z, t_in, y: -0.5 * (y[:, None] * (z - mu) ** 2).sum(-1))
+        expected = eps + 2. * sigma * labels[:, None] * (x - mu)
+    else:
+        kwargs = dict(condition=labels, unconditional_condition=torch.zeros(b, dtype=torch.float64),
+                      guidance_scale=3., model_kwargs={"gain": gain})
+        expected = eps + 3. * 0.1 * labels[:, None] * gain[:, None]
+    model_fn = model_wrapper(network(gmm, ns, model_type), ns, model_type=model_type,
+                             guidance_type=guidance_type, **kwargs)
+    torch.testing.assert_close(model_fn(x, t), expected)
     # A scalar time equals the same time given per sample.
-    torch.testing.assert_close(model_fn(x, t[2]), model_fn(x, t[2].expand(6)))
+    torch.testing.assert_close(model_fn(x, t[2]), model_fn(x, t[2].expand(b)))
 
 
 def test_discrete_time_input_is_training_step():

@@ -22,12 +22,15 @@ class ModelSource:
     noise_schedule: NoiseSchedule
     shape: tuple[int, ...]
 
-    def latents(self, seeds: Sequence[int], dtype: torch.dtype = torch.float64) -> Tensor:
-        """x_T for each seed: sigma_T * N(0, I) from its own generator, so sample i can be
-        regenerated alone (marginal_std(T) = 1 for VP, sigma_max for EDM)."""
+    def latents(self, seeds: Sequence[int], dtype: torch.dtype = torch.float64,
+                device: torch.device | str | None = None) -> Tensor:
+        """x_T for each seed: sigma_T * N(0, I) drawn on the CPU from the seed's own
+        generator (so sample i can be regenerated alone, on any device), then moved to
+        ``device``. sigma_T = marginal_std(T): about 1 for VP schedules, sigma_max for EDM."""
         std = float(self.noise_schedule.marginal_std(torch.tensor(self.noise_schedule.T)))
-        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s)),
-                                        dtype=dtype) for s in seeds]) * std
+        x = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s)),
+                                     dtype=dtype) for s in seeds]) * std
+        return x.to(device)
 
 
 def gmm_source(dim: int = 16, components: int = 8, seed: int = 0,

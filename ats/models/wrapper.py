@@ -53,8 +53,9 @@ def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: st
     - ``classifier-free``: eps_u + guidance_scale * (eps_c - eps_u), one batched call on
       [x, x] with [unconditional_condition, condition]; tensors in ``model_kwargs`` whose
       first dimension is the batch size are repeated to match.
-    ``cond_process_fn`` maps a condition (and the unconditional one) before it reaches the
-    network, e.g. a label or text encoder; it runs once here, not at every call.
+    ``cond_process_fn`` maps the condition (and the unconditional one) before it reaches the
+    network, or ``classifier_fn`` under classifier guidance, e.g. a label or text encoder;
+    it runs once here, not at every call.
     """
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")

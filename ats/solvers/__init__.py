@@ -1,5 +1,5 @@
 """Solvers for the probability-flow ODE, one ``sample()`` entry and one step function each."""
-from .sample import SOLVERS, VARIANTS, get_step_fn, nfe, sample, solver_spec, step_orders
+from .sampling import SOLVERS, VARIANTS, get_step_fn, nfe, sample, solver_spec, step_orders
 from .steps import (Coeffs, SolverState, coeffs, ddim_step, dpm_solver_pp_step, euler_step, heun_step, ipndm_step,
                     uni_pc_step)
 

@@ -37,8 +37,7 @@ class Coeffs(NamedTuple):
 
 
 def coeffs(ns: NoiseSchedule, t: Tensor, ndim: int) -> Coeffs:
-    """The schedule's coefficients at t ([b] or [b, K]: then each field gets a trailing K
-    axis, so ``c[..., i]`` style slicing is done by ``grid_coeffs``), for an x of ``ndim`` dims."""
+    """The schedule's coefficients at the times t ([b]), for an x of ``ndim`` dimensions."""
     alpha, sigma, lam = ns.marginal_coeffs(t)
     return Coeffs(t, expand_dims(alpha, ndim), expand_dims(sigma, ndim), expand_dims(lam, ndim))
 
@@ -67,6 +66,16 @@ def data_prediction(model_fn: ModelFn, x: Tensor, cond_t: Tensor | None, c: Coef
     return (x - c.sigma * model_fn(x, c.t if cond_t is None else cond_t)) / c.alpha
 
 
+def first_order_update(x: Tensor, x0: Tensor, c: Coeffs, cn: Coeffs) -> Tensor:
+    """DPM-Solver-1 in data prediction (= DDIM, eta = 0): sigma_n / sigma x - alpha_n expm1(-h) x0."""
+    return cn.sigma / c.sigma * x - cn.alpha * torch.expm1(c.lam - cn.lam) * x0
+
+
+def sigma_bar_update(x: Tensor, slope: Tensor, c: Coeffs, cn: Coeffs) -> Tensor:
+    """One explicit step in EDM's variables: y_n = y + (sigma_bar_n - sigma_bar) slope."""
+    return cn.alpha * (x / c.alpha + (cn.sigma / cn.alpha - c.sigma / c.alpha) * slope)
+
+
 def weighted_sum(weights: Tensor, terms: Tensor) -> Tensor:
     """sum_k weights[b, k] * terms[b, k, ...]; weights may have b = 1."""
     return (expand_dims(weights, terms.ndim) * terms).sum(1)
@@ -85,13 +94,14 @@ def per_sample_noise(x: Tensor, generator: torch.Generator | Sequence[torch.Gene
 def ddim_step(model_fn, x, c, cn, state=SolverState(), *, order=1, cond_t=None, cond_next=None,
               last=False, eta: float = 0., generator=None):
     """DDIM (Song et al., 2021): x_n = alpha_n x0 + sqrt(sigma_n^2 - s^2) eps + s z with
-    s = eta sigma_n / sigma sqrt(1 - alpha^2 / alpha_n^2). eta = 0 is DPM-Solver-1 (data
-    prediction): x_n = sigma_n / sigma x - alpha_n expm1(-h) x0."""
-    eps = model_fn(x, c.t if cond_t is None else cond_t)
-    x0 = (x - c.sigma * eps) / c.alpha
+    s = eta sigma_n / sigma sqrt(sigma^2 - sigma_n^2 alpha^2 / alpha_n^2), which is DDIM's
+    sigma on VP schedules and k-diffusion's ancestral sigma_up on EDM ones. eta = 0 is
+    DPM-Solver-1 (data prediction)."""
+    x0 = data_prediction(model_fn, x, cond_t, c)
     if eta == 0.:
-        return cn.sigma / c.sigma * x - cn.alpha * torch.expm1(c.lam - cn.lam) * x0, state
-    noise_std = eta * cn.sigma / c.sigma * torch.sqrt(-torch.expm1(2 * torch.log(c.alpha / cn.alpha)))
+        return first_order_update(x, x0, c, cn), state
+    eps = (x - c.alpha * x0) / c.sigma
+    noise_std = eta * cn.sigma / c.sigma * torch.sqrt(c.sigma ** 2 - (cn.sigma * c.alpha / cn.alpha) ** 2)
     x_next = cn.alpha * x0 + torch.sqrt(cn.sigma ** 2 - noise_std ** 2) * eps \
         + noise_std * per_sample_noise(x, generator)
     return x_next, state
@@ -101,8 +111,7 @@ def euler_step(model_fn, x, c, cn, state=SolverState(), *, order=1, cond_t=None,
                last=False):
     """Euler on the probability-flow ODE in EDM's variables (k-diffusion's sample_euler):
     y_n = y + (sigma_bar_n - sigma_bar) eps. Equal to DDIM(eta=0) in exact arithmetic."""
-    eps = model_fn(x, c.t if cond_t is None else cond_t)
-    return cn.alpha * (x / c.alpha + (cn.sigma / cn.alpha - c.sigma / c.alpha) * eps), state
+    return sigma_bar_update(x, model_fn(x, c.t if cond_t is None else cond_t), c, cn), state
 
 
 def heun_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond_t=None, cond_next=None,
@@ -110,12 +119,11 @@ def heun_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond_t=None, 
     """EDM's second-order Heun step (Karras et al., 2022, Alg. 1) in y, sigma_bar; the last
     step is Euler, so N steps cost 2N - 1 network calls."""
     d = model_fn(x, c.t if cond_t is None else cond_t)
-    dsigma = cn.sigma / cn.alpha - c.sigma / c.alpha
-    y_next = x / c.alpha + dsigma * d
+    x_euler = sigma_bar_update(x, d, c, cn)
     if last:
-        return cn.alpha * y_next, state
-    d_next = model_fn(cn.alpha * y_next, cn.t if cond_next is None else cond_next)
-    return cn.alpha * (x / c.alpha + dsigma * (d + d_next) / 2), state
+        return x_euler, state
+    d_next = model_fn(x_euler, cn.t if cond_next is None else cond_next)
+    return sigma_bar_update(x, (d + d_next) / 2, c, cn), state
 
 
 def dpm_solver_pp_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond_t=None,
@@ -125,11 +133,11 @@ def dpm_solver_pp_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond
     _check_history(state, order, "dpm_solver++")
     x0 = data_prediction(model_fn, x, cond_t, c)
     state = state.push(c.lam, x0)
-    h = cn.lam - c.lam
-    phi_1 = torch.expm1(-h)
-    x_next = cn.sigma / c.sigma * x - cn.alpha * phi_1 * x0
+    x_next = first_order_update(x, x0, c, cn)
     if order == 1:
         return x_next, state
+    h = cn.lam - c.lam
+    phi_1 = torch.expm1(-h)
     lam_1, x0_1 = state.lams[-2], state.outputs[-2]
     r0 = (c.lam - lam_1) / h
     d1_0 = (x0 - x0_1) / r0
@@ -167,7 +175,7 @@ def uni_pc_step(model_fn, x, c, cn, state=SolverState(), *, order=3, cond_t=None
         h_phi_k = h_phi_k / hh - 1. / factorial
     b = torch.stack(b, dim=1)                                                # [b, p]
     alpha_bh = cn.alpha * expand_dims(b_h, x.ndim)
-    x_base = cn.sigma / c.sigma * x - cn.alpha * expand_dims(h_phi_1, x.ndim) * x0
+    x_base = first_order_update(x, x0, c, cn)
     d1s = torch.stack(d1s, dim=1) if d1s else None                           # [B, p-1, ...]
     x_next = x_base
     if d1s is not None:
@@ -195,7 +203,7 @@ def ipndm_step(model_fn, x, c, cn, state=SolverState(), *, order=4, cond_t=None,
     eps = model_fn(x, c.t if cond_t is None else cond_t)
     state = state.push(c.lam, eps)
     slope = sum(w * e for w, e in zip(IPNDM_COEFFS[order - 1], reversed(state.outputs)))
-    return cn.alpha * (x / c.alpha + (cn.sigma / cn.alpha - c.sigma / c.alpha) * slope), state
+    return sigma_bar_update(x, slope, c, cn), state
 
 
 def _check_history(state: SolverState, order: int, name: str) -> None:

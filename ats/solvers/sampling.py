@@ -1,6 +1,8 @@
 """``sample``: run a solver over a global or per-sample discretization."""
 from __future__ import annotations
 
+import math
+import operator
 from functools import partial
 from typing import Callable, NamedTuple, Sequence
 
@@ -17,16 +19,17 @@ class SolverSpec(NamedTuple):
     step: Callable
     orders: tuple[int, ...]
     default_order: int
-    multistep: bool        # warm-up with lower orders, and lower_order_final applies
+    multistep: bool           # warms up with lower orders while its history fills
+    lower_final_below: float  # lower_order_final applies when steps < this (0: never)
 
 
 SOLVERS: dict[str, SolverSpec] = {
-    "ddim": SolverSpec(ddim_step, (1,), 1, False),
-    "euler": SolverSpec(euler_step, (1,), 1, False),
-    "heun": SolverSpec(heun_step, (2,), 2, False),
-    "dpm_solver++": SolverSpec(dpm_solver_pp_step, (1, 2, 3), 2, True),
-    "uni_pc": SolverSpec(uni_pc_step, (1, 2, 3), 3, True),
-    "ipndm": SolverSpec(ipndm_step, (1, 2, 3, 4), 4, True),
+    "ddim": SolverSpec(ddim_step, (1,), 1, False, 0),
+    "euler": SolverSpec(euler_step, (1,), 1, False, 0),
+    "heun": SolverSpec(heun_step, (2,), 2, False, 0),
+    "dpm_solver++": SolverSpec(dpm_solver_pp_step, (1, 2, 3), 2, True, 10),   # as DPM-Solver
+    "uni_pc": SolverSpec(uni_pc_step, (1, 2, 3), 3, True, math.inf),         # as UniPC
+    "ipndm": SolverSpec(ipndm_step, (1, 2, 3, 4), 4, True, 0),                # as GITS
 }
 VARIANTS = ("bh1", "bh2")
 
@@ -37,7 +40,7 @@ def solver_spec(solver: str, order: int | None = None) -> tuple[SolverSpec, int]
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     spec = SOLVERS[solver]
     order = spec.default_order if order is None else order
-    if order not in spec.orders:
+    if isinstance(order, bool) or not isinstance(order, int) or order not in spec.orders:
         raise ValueError(f"solver {solver!r} supports order {', '.join(map(str, spec.orders))}, got {order!r}")
     return spec, order
 
@@ -49,14 +52,14 @@ def nfe(solver: str, steps: int) -> int:
 
 
 def step_orders(solver: str, steps: int, order: int | None = None, lower_order_final: bool = True) -> list[int]:
-    """Order used at each step: multistep solvers warm up (step i uses at most i + 1) and,
-    as in DPM-Solver, with ``lower_order_final`` and fewer than 10 steps the last steps
-    drop to order steps - i. iPNDM keeps its order to the end, as in GITS."""
+    """Order used at each step. Multistep solvers warm up (step i uses at most i + 1); with
+    ``lower_order_final`` the last steps use at most steps - i, as the reference code of
+    each solver does: DPM-Solver++ below 10 steps, UniPC always, iPNDM never."""
     spec, order = solver_spec(solver, order)
     if not spec.multistep:
         return [order] * steps
     orders = [min(order, i + 1) for i in range(steps)]
-    if lower_order_final and steps < 10 and solver != "ipndm":
+    if lower_order_final and steps < spec.lower_final_below:
         orders = [min(o, steps - i) for i, o in enumerate(orders)]
     return orders
 
@@ -65,15 +68,15 @@ def get_step_fn(solver: str, eta: float = 0., variant: str = "bh1",
                 generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Callable:
     """The one-step function of ``solver`` with its options bound (see ``ats.solvers.steps``)."""
     spec, _ = solver_spec(solver)
-    if solver == "ddim":
-        if not eta >= 0.:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        return partial(ddim_step, eta=float(eta), generator=generator)
-    if eta != 0.:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown uni_pc variant {variant!r}; choose 'bh1' or 'bh2'")
+    if eta != 0. and solver != "ddim":
         raise ValueError(f"eta applies to solver 'ddim' only, not {solver!r}")
+    if solver == "ddim":
+        if not 0. <= eta <= 1.:
+            raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+        return partial(ddim_step, eta=float(eta), generator=generator)
     if solver == "uni_pc":
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown uni_pc variant {variant!r}; choose 'bh1' or 'bh2'")
         return partial(uni_pc_step, variant=variant)
     return spec.step
 

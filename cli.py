@@ -1,9 +1,13 @@
 """The ``ats`` command line: every verb is a thin call into the ``ats`` library."""
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import click
 
 from ats.discretize import KINDS
+from ats.models.sources import DATASETS, GMM_PRESETS
 from ats.solvers import SOLVERS
 
 
@@ -27,6 +31,35 @@ def _choice_list(choices):
     return parse
 
 
+def dataset_options(default: str = "gmm"):
+    """--dataset and the options that locate its model and FID reference."""
+    def decorate(f):
+        @click.option("--dataset", default=default, show_default=True, type=click.Choice(DATASETS),
+                      help="Model source: gmm (analytic), digits (shipped U-Net), cifar10 (--checkpoint).")
+        @click.option("--preset", default="16d", show_default=True, type=click.Choice(tuple(GMM_PRESETS)),
+                      help="gmm: dimension and components.")
+        @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+                      help="cifar10: a diffusers UNet2DModel directory (google/ddpm-cifar10-32 layout).")
+        @click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
+                      help="cifar10: weights-inception-2015-12-05-6726825d.pth (else $ATS_INCEPTION_WEIGHTS "
+                           "or the torch hub cache).")
+        @click.option("--fid-reference", type=click.Path(path_type=Path), default=None,
+                      help="cifar10: real-image statistics (.npz with mu, sigma) or a folder of images.")
+        @functools.wraps(f)
+        def wrapper(*args, dataset, preset, checkpoint, inception_weights, fid_reference, **kwargs):
+            from ats.models.sources import load_source
+            options = {"gmm": dict(**GMM_PRESETS[preset]), "digits": {},
+                       "cifar10": dict(checkpoint=checkpoint, inception_weights=inception_weights,
+                                       fid_reference=fid_reference)}[dataset]
+            try:
+                source = load_source(dataset, **options)
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                raise click.UsageError(str(e))
+            return f(*args, source=source, **kwargs)
+        return wrapper
+    return decorate
+
+
 @click.group()
 @click.version_option(package_name="ats")
 def main() -> None:
@@ -34,54 +67,128 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--dataset", default="gmm", show_default=True, help="Model source (embedded: gmm).")
+@dataset_options()
 @click.option("--solvers", default="ddim,dpm_solver++,uni_pc,ipndm,heun", show_default=True,
               callback=_choice_list(tuple(SOLVERS)), help="Comma-separated solvers.")
 @click.option("--nfe", "nfes", default="3,5,7,10", show_default=True, callback=_int_list,
               help="Comma-separated numbers of network evaluations.")
 @click.option("--discretizations", default=",".join(KINDS[:4]), show_default=True,
               callback=_choice_list(KINDS), help="Comma-separated fixed discretizations.")
-@click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(1),
-              help="Number of samples (seeds seed..seed+n-1).")
-@click.option("--seed", default=0, show_default=True, type=int, help="First latent seed.")
-@click.option("--dim", default=16, show_default=True, type=click.IntRange(1), help="gmm: dimension.")
-@click.option("--components", default=8, show_default=True, type=click.IntRange(1), help="gmm: components.")
-def compare(dataset, solvers, nfes, discretizations, n_samples, seed, dim, components) -> None:
-    """Error of every fixed discretization against a 1000-step reference, per solver and NFE."""
+@click.option("--metric", type=click.Choice(["l2", "fid"]), default="l2", show_default=True,
+              help="l2: mean distance to a 1000-step reference from the same noise; fid: the dataset's FID.")
+@click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2),
+              help="Number of samples (evaluation seeds).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="First evaluation sample.")
+def compare(source, solvers, nfes, discretizations, metric, n_samples, seed) -> None:
+    """Every fixed discretization per solver and NFE, by distance to a reference or by FID."""
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
 
-    from ats.baselines import error_table, reference_solution
-    from ats.models.sources import load_source
+    from ats.baselines import evaluate_table, reference_solution
+    from ats.teacher import split_seeds
 
-    try:
-        source = load_source(dataset, dim=dim, components=components)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--dataset")
-    x = source.latents(range(seed, seed + n_samples))
+    seeds = split_seeds("eval", n_samples, seed)
+    x = source.latents(seeds, dtype=source.dtype)
+    labels = source.labels(seeds)
     console = Console()
-    with console.status("reference solution (UniPC-3, 1000 steps)"):
-        ref = reference_solution(source, x)
+    if metric == "l2":
+        with console.status("reference solution (UniPC-3, 1000 steps)"):
+            reference = reference_solution(source, x, labels)
+        score, title = reference, "mean L2 error to the reference"
+    else:
+        with console.status("FID reference statistics"):
+            score = source.make_metric()
+        title = "FID" if len(source.shape) == 3 else "Frechet distance"
     total = len(solvers) * len(nfes) * len(discretizations)
-    rows = list(track(error_table(source, x, ref, solvers, nfes, discretizations), total=total,
+    rows = list(track(evaluate_table(source, x, labels, score, solvers, nfes, discretizations), total=total,
                       description="sampling", console=console, transient=True))
-    table = Table(title=f"{source.name}: mean L2 error to the reference, {n_samples} samples")
+    table = Table(title=f"{source.name}: {title}, {n_samples} evaluation samples")
     table.add_column("solver")
     table.add_column("NFE", justify="right")
     for kind in discretizations:
         table.add_column(kind, justify="right")
     for solver in solvers:
         for n in nfes:
-            errs = {r.discretization: r.l2 for r in rows if r.solver == solver and r.nfe == n}
-            if errs:
-                best = min(errs.values())
-                table.add_row(solver, str(n), *(f"[bold]{errs[k]:.4f}[/bold]" if errs[k] == best
-                                                else f"{errs[k]:.4f}" for k in discretizations))
+            values = {r.discretization: r.value for r in rows if r.solver == solver and r.nfe == n}
+            if values:
+                best = min(values.values())
+                table.add_row(solver, str(n), *(f"[bold]{values[k]:.4f}[/bold]" if values[k] == best
+                                                else f"{values[k]:.4f}" for k in discretizations))
     console.print(table)
     skipped = sorted({(r, n) for r in solvers for n in nfes} - {(r.solver, r.nfe) for r in rows})
     for solver, n in skipped:
         console.print(f"{solver}: NFE {n} skipped (Heun's N steps cost 2N - 1 calls, so its NFE is odd)")
+
+
+@main.command("train-model")
+@click.option("--dataset", type=click.Choice(["digits"]), default="digits", show_default=True)
+@click.option("--classifier", is_flag=True, help="Train the FID feature classifier instead of the U-Net.")
+@click.option("--steps", default=12000, show_default=True, type=click.IntRange(1), help="U-Net training steps.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the weights (default: the shipped file inside the package).")
+def train_model(dataset, classifier, steps, seed, out) -> None:
+    """Train the embedded digits U-Net (CPU, about 10 minutes) or its FID classifier."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ats.models import digits
+
+    start = time.perf_counter()
+    if classifier:
+        model, accuracy = digits.train_digits_classifier(seed=seed)
+        path = out or digits.DIGITS_CLASSIFIER
+        digits.save_atomic({"state_dict": model.state_dict(),
+                            "meta": {"held_out_accuracy": accuracy, "seed": seed}}, path)
+        click.echo(f"digits classifier: held-out accuracy {accuracy:.2%}, written to {path}")
+        return
+    with Progress(TextColumn("training digits U-Net"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"))
+        model = digits.train_digits_unet(steps=steps, seed=seed,
+                                         progress=lambda step, loss: bar.update(task, advance=1, loss=loss))
+    path = out or digits.DIGITS_UNET
+    digits.save_digits_unet(model, path, steps=steps, seed=seed, seconds=round(time.perf_counter() - start))
+    click.echo(f"digits U-Net written to {path} ({time.perf_counter() - start:.0f} s)")
+
+
+@main.command()
+@dataset_options(default="digits")
+@click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
+@click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
+@click.option("--nfe", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--discretization", default="edm", show_default=True, type=click.Choice(KINDS))
+@click.option("--n", "n_samples", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
+              help="First sample of the split (sample i has its own seed).")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "valid", "eval"]))
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+@click.option("--grid", type=click.Path(path_type=Path), default=None, help="Also write a PNG grid of the targets.")
+def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, cache, grid) -> None:
+    """Teacher targets x0* for n samples, cached on disk (resumable; a rerun computes nothing)."""
+    from rich.progress import Progress
+
+    from ats.teacher import TeacherConfig, generate_teacher, split_seeds, teacher_dir
+
+    config = TeacherConfig(solver=solver, nfe=nfe, discretization=discretization, order=order)
+    try:
+        seeds = split_seeds(split, n_samples, seed)
+        config.timesteps(source)
+        with Progress() as bar:
+            task = bar.add_task(f"teacher {solver} NFE {nfe} {discretization}", total=n_samples)
+            data = generate_teacher(source, seeds, config, cache, dtype=source.dtype,
+                                    progress=lambda k: bar.update(task, advance=k))
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    click.echo(f"{len(data.seeds)} targets ({split} seeds {seeds.start}..{seeds.stop - 1}) in "
+               f"{teacher_dir(source, config, cache, source.dtype)}")
+    if grid is not None:
+        if len(source.shape) != 3:
+            raise click.UsageError(f"--grid needs an image dataset; {source.name} samples are points")
+        from ats.plots import save_image_grid
+        click.echo(f"grid: {save_image_grid(data.targets[:64], grid, scale=4 if source.shape[-1] <= 16 else 1)}")
 
 
 if __name__ == "__main__":

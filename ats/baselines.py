@@ -1,28 +1,30 @@
-"""Fixed discretizations against an accurate reference solution, per solver and NFE."""
+"""Fixed discretizations per solver and NFE, scored by distance to a reference or by FID."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .discretize import get_timesteps
+from .metrics import frechet_distance
 from .models.sources import ModelSource
 from .solvers import nfe as count_nfe
 from .solvers import sample
 
 
-class ErrorRow(NamedTuple):
+class Row(NamedTuple):
     solver: str
     nfe: int
     discretization: str
-    l2: float          # mean over samples of ||x - x_ref||_2
+    value: float       # mean ||x - x_ref||_2 over samples, or FID; NaN where the solver diverged
 
 
-def reference_solution(source: ModelSource, x: Tensor, steps: int = 1000) -> Tensor:
+def reference_solution(source: ModelSource, x: Tensor, labels: Tensor | None = None, steps: int = 1000) -> Tensor:
     """UniPC-3 on 1000 logSNR steps: an error far below any few-step solver's."""
     ts = get_timesteps(source.noise_schedule, "logSNR", steps)
-    return sample(source.model_fn, source.noise_schedule, x, ts, "uni_pc", order=3)
+    with torch.no_grad():
+        return sample(source.model_fn_for(labels), source.noise_schedule, x, ts, "uni_pc", order=3)
 
 
 def steps_for_nfe(solver: str, nfe: int) -> int | None:
@@ -31,9 +33,11 @@ def steps_for_nfe(solver: str, nfe: int) -> int | None:
     return steps if steps >= 1 and count_nfe(solver, steps) == nfe else None
 
 
-def error_table(source: ModelSource, x: Tensor, reference: Tensor, solvers: Iterable[str],
-                nfes: Iterable[int], kinds: Iterable[str]) -> Iterator[ErrorRow]:
-    """One row per (solver, NFE, discretization) with a valid step count."""
+def evaluate_table(source: ModelSource, x: Tensor, labels: Tensor | None, score: Tensor | Any,
+                   solvers: Iterable[str], nfes: Iterable[int], kinds: Iterable[str]) -> Iterator[Row]:
+    """One row per (solver, NFE, discretization) with a valid step count. ``score`` is a
+    reference solution (rows give the mean L2 distance to it) or a Frechet metric (FID)."""
+    model_fn = source.model_fn_for(labels)
     for solver in solvers:
         for n in nfes:
             steps = steps_for_nfe(solver, n)
@@ -41,5 +45,12 @@ def error_table(source: ModelSource, x: Tensor, reference: Tensor, solvers: Iter
                 continue
             for kind in kinds:
                 ts = get_timesteps(source.noise_schedule, kind, steps)
-                out = sample(source.model_fn, source.noise_schedule, x, ts, solver)
-                yield ErrorRow(solver, n, kind, (out - reference).flatten(1).norm(dim=1).mean().item())
+                with torch.no_grad():
+                    out = sample(model_fn, source.noise_schedule, x, ts, solver)
+                if not torch.isfinite(out).all():
+                    value = float("nan")  # the solver diverged on this schedule
+                elif torch.is_tensor(score):
+                    value = (out - score).flatten(1).norm(dim=1).mean().item()
+                else:
+                    value = frechet_distance(score, out)
+                yield Row(solver, n, kind, value)

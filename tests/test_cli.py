@@ -13,7 +13,7 @@ def table_rows(output: str) -> dict[tuple[str, int], list[float]]:
 
 
 def test_compare_runs_end_to_end():
-    result = CliRunner().invoke(main, ["compare", "--dataset", "gmm", "--n", "32", "--dim", "4",
+    result = CliRunner().invoke(main, ["compare", "--dataset", "gmm", "--n", "32", "--preset", "2d",
                                        "--solvers", "uni_pc,heun", "--nfe", "9,41", "--discretizations", "logSNR,edm"])
     assert result.exit_code == 0, result.output
     assert "mean L2 error" in result.output
@@ -26,7 +26,7 @@ def test_compare_runs_end_to_end():
 
 
 def test_heun_skips_even_nfe():
-    result = CliRunner().invoke(main, ["compare", "--n", "8", "--dim", "2", "--solvers", "heun,ddim", "--nfe", "4",
+    result = CliRunner().invoke(main, ["compare", "--n", "8", "--preset", "2d", "--solvers", "heun,ddim", "--nfe", "4",
                                        "--discretizations", "logSNR"])
     assert result.exit_code == 0, result.output
     assert set(table_rows(result.output)) == {("ddim", 4)}
@@ -36,7 +36,9 @@ def test_heun_skips_even_nfe():
 def test_bad_flags_give_one_line_errors():
     runner = CliRunner()
     result = runner.invoke(main, ["compare", "--dataset", "imagenet"])
-    assert result.exit_code == 2 and "unknown dataset 'imagenet'" in result.output
+    assert result.exit_code == 2 and "'imagenet' is not one of" in result.output
+    result = runner.invoke(main, ["compare", "--dataset", "cifar10"])
+    assert result.exit_code == 2 and "needs --checkpoint DIR" in result.output
     result = runner.invoke(main, ["compare", "--solvers", "dpm"])
     assert result.exit_code == 2 and "dpm not among" in result.output
     result = runner.invoke(main, ["compare", "--nfe", "0"])

@@ -1,8 +1,12 @@
-"""Named model sources: a network wrapped as ``model_fn`` with its noise schedule."""
+"""Named model sources: a network wrapped as ``model_fn`` with its noise schedule, the
+shape of one sample, a stable identity (for caches) and the FID that fits its data."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -11,16 +15,28 @@ from ..noise import NoiseSchedule, NoiseScheduleVP
 from .gmm import GaussianMixture
 from .wrapper import model_wrapper
 
-DATASETS = ("gmm",)
+DATASETS = ("gmm", "digits", "cifar10")
+ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
 class ModelSource:
-    """What a sampler needs: ``model_fn(x, t)`` -> eps, its schedule and one sample's shape."""
+    """What a sampler needs: ``model_fn_for(labels)`` -> ``model_fn(x, t)`` (eps), the
+    schedule, one sample's shape, and for conditional models the number of classes."""
     name: str
-    model_fn: Callable[[Tensor, Tensor], Tensor]
+    model_fn_for: Callable[[Tensor | None], ModelFn]
     noise_schedule: NoiseSchedule
     shape: tuple[int, ...]
+    identity: str                                   # hash of everything that defines the model
+    make_metric: Callable[[], Any]                  # torchmetrics FID with its real side loaded
+    num_classes: int = 0
+    dtype: torch.dtype = torch.float32              # what sampling runs in
+    info: dict = field(default_factory=dict)
+
+    @property
+    def model_fn(self) -> ModelFn:
+        """The unconditional model."""
+        return self.model_fn_for(None)
 
     def latents(self, seeds: Sequence[int], dtype: torch.dtype = torch.float64,
                 device: torch.device | str | None = None) -> Tensor:
@@ -32,18 +48,72 @@ class ModelSource:
                                      dtype=dtype) for s in seeds]) * std
         return x.to(device)
 
+    def labels(self, seeds: Sequence[int]) -> Tensor | None:
+        """A class label per seed for conditional models (uniform, from the seed), else None."""
+        if not self.num_classes:
+            return None
+        return torch.tensor([int(torch.randint(self.num_classes, (1,),
+                                               generator=torch.Generator().manual_seed(int(s) + 7919)))
+                             for s in seeds])
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+GMM_PRESETS = {"2d": dict(dim=2, components=8), "16d": dict(dim=16, components=8),
+               "64d": dict(dim=64, components=16)}
+
 
 def gmm_source(dim: int = 16, components: int = 8, seed: int = 0,
                noise_schedule: NoiseSchedule | None = None) -> ModelSource:
-    """A random Gaussian mixture (``GaussianMixture.random``) with its exact denoiser,
-    on the VP linear schedule unless another is given."""
+    """A random Gaussian mixture (``GaussianMixture.random``) with its exact denoiser, on the
+    VP linear schedule unless another is given; FID is the Frechet distance on coordinates."""
+    from ..metrics import gmm_metric
     ns = noise_schedule or NoiseScheduleVP("linear")
     gmm = GaussianMixture.random(dim, components, seed=seed)
-    return ModelSource(f"gmm-{dim}d-{components}k-s{seed}", model_wrapper(gmm, ns, model_type="edm"), ns, (dim,))
+    identity = _digest({"gmm": [gmm.means.tolist(), gmm.stds.tolist(), gmm.log_weights.tolist()],
+                        "schedule": repr(ns)})
+    return ModelSource(f"gmm-{dim}d-{components}k-s{seed}", lambda labels: model_wrapper(gmm, ns, model_type="edm"),
+                       ns, (dim,), identity, lambda: gmm_metric(gmm), dtype=torch.float64, info={"gmm": gmm})
+
+
+def digits_source(weights: str | Path | None = None, guidance_scale: float = 1.) -> ModelSource:
+    """The shipped digits U-Net (or ``weights``). Unconditional by default (the null label);
+    with labels, classifier-free guidance at ``guidance_scale``."""
+    from ..metrics import digits_metric
+    from .digits import DIGITS_UNET, digits_noise_schedule, load_digits_unet
+    path = Path(weights) if weights else DIGITS_UNET
+    net = load_digits_unet(path)
+    ns = digits_noise_schedule()
+    null = torch.tensor(net.num_classes)
+
+    def model_fn_for(labels: Tensor | None) -> ModelFn:
+        if labels is None:
+            return model_wrapper(net, ns)
+        return model_wrapper(net, ns, guidance_type="classifier-free", condition=labels,
+                             unconditional_condition=null.expand(len(labels)), guidance_scale=guidance_scale)
+
+    identity = _digest({"weights": file_digest(path), "guidance_scale": guidance_scale})
+    return ModelSource("digits", model_fn_for, ns, (1, 8, 8), identity, digits_metric, num_classes=net.num_classes,
+                       info={"weights": str(path)})
 
 
 def load_source(dataset: str, **options) -> ModelSource:
     """The model source named ``dataset``; unknown names get a one-line error."""
     if dataset == "gmm":
         return gmm_source(**options)
+    if dataset == "digits":
+        return digits_source(**options)
+    if dataset == "cifar10":
+        from .diffusers_unet import cifar10_source
+        return cifar10_source(**options)
     raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")

@@ -1,0 +1,195 @@
+"""Metrics: Frechet distances through torchmetrics, and the losses of schedule learning.
+
+Every FID here is torchmetrics' ``FrechetInceptionDistance``; only the feature extractor
+changes with the data:
+- natural images (cifar10): the standard 2048-d InceptionV3 of torch-fidelity, weights
+  ``weights-inception-2015-12-05-6726825d.pth`` read from a local file (``pip install
+  'ats[images]'``);
+- digits: the 128-d features of the digits classifier the project trains and ships;
+- gmm: the raw coordinates (a Frechet distance between Gaussians fitted to the points).
+Images reach any extractor through one fixed clamp-and-quantize to uint8 (``to_uint8``),
+never a per-image min-max rescale.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_ENV = "ATS_INCEPTION_WEIGHTS"
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 by clamp and round((x + 1) * 127.5): the one quantization."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class QuantizedFeatures(nn.Module):
+    """uint8 images -> ``features(images / 127.5 - 1)``: an extractor for float networks."""
+
+    def __init__(self, features: Callable[[Tensor], Tensor], num_features: int) -> None:
+        super().__init__()
+        self.extract = features
+        self.num_features = num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dtype != torch.uint8:
+            raise ValueError("expected uint8 images; quantize them with ats.metrics.to_uint8 first")
+        with torch.no_grad():
+            return self.extract(images.float() / 127.5 - 1.)
+
+
+class Coordinates(nn.Module):
+    """Points are their own features (Frechet distance on raw coordinates)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, points: Tensor) -> Tensor:
+        return points.flatten(1).double()
+
+
+def frechet_metric(extractor: nn.Module):
+    """torchmetrics' FID over ``extractor`` that keeps its real statistics across resets."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+
+
+def set_real_statistics(metric, mu: np.ndarray | Tensor, sigma: np.ndarray | Tensor, n: int = 50000) -> None:
+    """Load reference mean and covariance (the EDM/ADM .npz format) as the real side."""
+    mu = torch.as_tensor(np.asarray(mu), dtype=torch.float64)
+    sigma = torch.as_tensor(np.asarray(sigma), dtype=torch.float64)
+    if mu.shape != metric.real_features_sum.shape or sigma.shape != metric.real_features_cov_sum.shape:
+        raise ValueError(f"reference statistics have {tuple(mu.shape)} features, the extractor "
+                         f"{tuple(metric.real_features_sum.shape)}; use statistics of the same network")
+    metric.real_features_sum = mu * n
+    metric.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)
+    metric.real_features_num_samples = torch.tensor(n)
+
+
+def frechet_distance(metric, fake: Tensor, batch_size: int = 500) -> float:
+    """FID of ``fake`` (images in [-1, 1], or points) against the metric's real side."""
+    if not torch.isfinite(fake).all():
+        raise ValueError("samples contain NaN or inf; the sampler diverged, so no FID is computed")
+    metric.reset()
+    uses_images = not isinstance(metric.inception, Coordinates)
+    for chunk in fake.split(batch_size):
+        metric.update(to_uint8(chunk) if uses_images else chunk, real=False)
+    return float(metric.compute())
+
+
+def gmm_metric(gmm, n_reference: int = 100000, seed: int = 12345):
+    """Frechet distance on raw coordinates against a large exact sample of the mixture."""
+    metric = frechet_metric(Coordinates(gmm.dim))
+    ref = gmm.sample(n_reference, generator=torch.Generator().manual_seed(seed))
+    for chunk in ref.split(10000):
+        metric.update(chunk, real=True)
+    return metric
+
+
+def digits_metric(classifier: nn.Module | None = None):
+    """FID on the shipped digits classifier's features against all 1797 real digits."""
+    from .models.digits import load_digits_classifier, load_digits_data
+    classifier = classifier or load_digits_classifier()
+    metric = frechet_metric(QuantizedFeatures(classifier.features, classifier.num_features))
+    images, _ = load_digits_data()
+    metric.update(to_uint8(images), real=True)
+    return metric
+
+
+def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+    """The torch-fidelity InceptionV3 weights: ``path``, else $ATS_INCEPTION_WEIGHTS, else the
+    torch hub cache (<hub dir>/checkpoints/). A clear error names the file when absent."""
+    candidates = [Path(path)] if path else []
+    if not path and os.environ.get(INCEPTION_ENV):
+        candidates.append(Path(os.environ[INCEPTION_ENV]))
+    if not path:
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"InceptionV3 weights for FID not found (looked at {', '.join(map(str, candidates))}); download "
+        f"{INCEPTION_FILE} from the torch-fidelity releases on GitHub and pass --inception-weights PATH, "
+        f"set {INCEPTION_ENV}, or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}")
+
+
+def inception_metric(weights: str | os.PathLike | None = None):
+    """The standard 2048-d InceptionV3 FID (torch-fidelity's network) from local weights."""
+    path = find_inception_weights(weights)
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        raise ImportError("the InceptionV3 FID needs torch-fidelity: pip install 'ats[images]'") from None
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path),
+                                    reset_real_features=False)
+
+
+def load_reference(metric, reference: str | os.PathLike) -> None:
+    """Real side of ``metric`` from a .npz with ``mu`` and ``sigma``, or a folder of images."""
+    ref = Path(reference)
+    if ref.suffix == ".npz" and ref.is_file():
+        with np.load(ref) as stats:
+            if "mu" not in stats or "sigma" not in stats:
+                raise ValueError(f"{ref} has no 'mu' and 'sigma' arrays (the EDM/ADM reference format)")
+            set_real_statistics(metric, stats["mu"], stats["sigma"])
+        return
+    if not ref.is_dir():
+        raise FileNotFoundError(f"FID reference {ref} is neither a .npz with mu/sigma nor a folder of images")
+    from PIL import Image
+    files = sorted(p for p in ref.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if len(files) < 2:
+        raise ValueError(f"FID reference folder {ref} holds {len(files)} images; it needs at least 2")
+    for start in range(0, len(files), 500):
+        batch = [np.asarray(Image.open(f).convert("RGB")) for f in files[start:start + 500]]
+        metric.update(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous(), real=True)
+
+
+# Losses between a student's samples and the teacher's, one value per sample.
+
+def l2_loss(x: Tensor, target: Tensor) -> Tensor:
+    """||x - target||_2 per sample."""
+    return (x - target).flatten(1).norm(dim=1)
+
+
+def pseudo_huber_loss(x: Tensor, target: Tensor, c: float | None = None) -> Tensor:
+    """sqrt(||x - target||^2 + c^2) - c per sample, c = 0.00054 sqrt(dim) (Song & Dhariwal, 2023)."""
+    d = (x - target).flatten(1)
+    c = 0.00054 * d.shape[1] ** 0.5 if c is None else c
+    return torch.sqrt(d.square().sum(1) + c * c) - c
+
+
+LOSSES = {"l2": l2_loss, "pseudo_huber": pseudo_huber_loss}
+
+
+def get_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """A per-sample loss by name. LPIPS needs its backbone weights, which no package ships
+    here; asking for it fails now, at configuration time, not mid-fit."""
+    if name == "lpips":
+        try:
+            import lpips  # noqa: F401
+        except ImportError:
+            raise ValueError("loss 'lpips' needs the lpips package and its VGG/AlexNet weights on "
+                             "disk (pip install lpips, then fetch the weights on a machine with "
+                             "internet); use loss 'l2' or 'pseudo_huber' here") from None
+        return _lpips_loss()
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}, lpips")
+    return LOSSES[name]
+
+
+def _lpips_loss() -> Callable[[Tensor, Tensor], Tensor]:
+    import lpips
+    try:
+        net = lpips.LPIPS(net="vgg", verbose=False, pretrained=True)
+    except Exception as e:
+        raise ValueError(f"LPIPS weights are not available locally ({type(e).__name__}); "
+                         "use loss 'l2' or 'pseudo_huber'") from None
+    return lambda x, target: net(x, target, normalize=False).flatten()

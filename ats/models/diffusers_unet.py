@@ -1,0 +1,91 @@
+"""Pretrained diffusers ``UNet2DModel`` checkpoints (the google/ddpm-cifar10-32 layout).
+
+A checkpoint directory holds ``config.json`` (the UNet2DModel config),
+``diffusion_pytorch_model.safetensors`` (or ``.bin``) and ``scheduler_config.json``; the
+noise schedule is built from the scheduler's own betas, and its ``prediction_type``
+(epsilon, sample, v_prediction) picks the model type. Loading never touches the network.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..noise import NoiseScheduleVP
+from .sources import ModelSource, _digest, file_digest
+from .wrapper import model_wrapper
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+PREDICTION_TYPES = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v"}
+WHERE = ("download google/ddpm-cifar10-32 from the Hugging Face Hub on a machine with internet "
+         "(huggingface-cli download google/ddpm-cifar10-32 --local-dir ./ddpm-cifar10-32) and pass "
+         "--checkpoint ./ddpm-cifar10-32")
+
+
+def check_checkpoint_dir(path: str | Path | None) -> tuple[Path, Path]:
+    """The directory and its weights file; a one-line error naming what is missing."""
+    if not path:
+        raise ValueError(f"dataset cifar10 needs --checkpoint DIR (a diffusers UNet2DModel directory); {WHERE}")
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} is not a directory; {WHERE}")
+    missing = [name for name in ("config.json", "scheduler_config.json") if not (path / name).is_file()]
+    weights = next((path / w for w in WEIGHT_FILES if (path / w).is_file()), None)
+    if weights is None:
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}; {WHERE}")
+    return path, weights
+
+
+def load_unet_checkpoint(path: str | Path | None):
+    """(UNet2DModel in eval mode, NoiseScheduleVP from its betas, model_type) from a directory."""
+    path, _ = check_checkpoint_dir(path)
+    try:
+        from diffusers import DDPMScheduler, UNet2DModel
+    except ImportError:
+        raise ImportError("loading diffusers checkpoints needs diffusers: pip install 'ats[cifar10]'") from None
+    config = json.loads((path / "config.json").read_text())
+    if config.get("_class_name") != "UNet2DModel":
+        raise ValueError(f"checkpoint {path} holds a {config.get('_class_name')!r}, not a UNet2DModel; {WHERE}")
+    try:
+        unet = UNet2DModel.from_pretrained(path, local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load the checkpoint in {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"the files are corrupt or of another architecture; {WHERE}") from None
+    prediction = scheduler.config.prediction_type
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"checkpoint {path}: prediction_type {prediction!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    ns = NoiseScheduleVP("discrete", betas=scheduler.betas.to(torch.float64))
+    return unet.eval().requires_grad_(False), ns, PREDICTION_TYPES[prediction]
+
+
+def cifar10_source(checkpoint: str | Path | None = None, inception_weights: str | Path | None = None,
+                   fid_reference: str | Path | None = None) -> ModelSource:
+    """A diffusers UNet2DModel checkpoint as a model source. Its FID is the InceptionV3 metric
+    (``inception_weights``) against ``fid_reference`` (a .npz with mu/sigma or a folder of
+    images); ``make_metric`` checks both, so callers that need FID call it before sampling."""
+    from ..metrics import inception_metric, load_reference
+    path, weights = check_checkpoint_dir(checkpoint)
+    if fid_reference is not None and not Path(fid_reference).exists():
+        raise ValueError(f"FID reference {fid_reference} does not exist; pass a .npz with mu/sigma or a folder of images")
+    unet, ns, model_type = load_unet_checkpoint(path)
+
+    def network(x, t_input):
+        return unet(x.to(unet.dtype), t_input).sample.to(x.dtype)
+
+    def make_metric():
+        if fid_reference is None:
+            raise ValueError("cifar10 FID needs --fid-reference (a .npz with mu/sigma, or a folder of real images)")
+        metric = inception_metric(inception_weights)
+        load_reference(metric, fid_reference)
+        return metric
+
+    cfg = unet.config
+    identity = _digest({"weights": file_digest(weights), "config": json.loads((path / "config.json").read_text()),
+                        "scheduler": json.loads((path / "scheduler_config.json").read_text())})
+    shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    return ModelSource(f"unet:{path.name}", lambda labels: model_wrapper(network, ns, model_type=model_type),
+                       ns, shape, identity, make_metric, info={"checkpoint": str(path), "model_type": model_type})

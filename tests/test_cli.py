@@ -43,3 +43,33 @@ def test_bad_flags_give_one_line_errors():
     assert result.exit_code == 2 and "dpm not among" in result.output
     result = runner.invoke(main, ["compare", "--nfe", "0"])
     assert result.exit_code == 2 and "integer >= 1" in result.output
+
+
+def test_teacher_command_caches_and_draws_a_grid(tmp_path):
+    args = ["teacher", "--dataset", "digits", "--nfe", "5", "--n", "12", "--cache", str(tmp_path / "cache"),
+            "--grid", str(tmp_path / "grid.png")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "12 targets (train seeds 0..11)" in result.output
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size == (4 * (8 * 4 + 1) + 1, 3 * (8 * 4 + 1) + 1)
+    shards = sorted((tmp_path / "cache").rglob("block-*.pt"))
+    before = [p.stat().st_mtime_ns for p in shards]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert [p.stat().st_mtime_ns for p in shards] == before  # nothing recomputed
+
+
+def test_train_model_command_writes_loadable_weights(tmp_path):
+    out = tmp_path / "unet.pt"
+    result = CliRunner().invoke(main, ["train-model", "--dataset", "digits", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from ats.models.digits import load_digits_unet
+    assert load_digits_unet(out).config["channels"] == [32, 64, 64]
+
+
+def test_compare_digits_by_fid():
+    result = CliRunner().invoke(main, ["compare", "--dataset", "digits", "--metric", "fid", "--n", "64",
+                                       "--solvers", "dpm_solver++", "--nfe", "3,10", "--discretizations", "logSNR"])
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.output)
+    assert rows[("dpm_solver++", 10)][0] < rows[("dpm_solver++", 3)][0]

@@ -14,7 +14,7 @@ def test_shipped_unet_loads_and_samples_digits_like_images():
     ckpt = torch.load(digits.DIGITS_UNET, weights_only=True)
     assert ckpt["meta"]["steps"] >= 1000
     assert digits.DIGITS_UNET.stat().st_size < 4_000_000
-    x = source.latents(range(64))
+    x = source.latents(range(64), dtype=source.dtype)
     out = sample(source.model_fn, source.noise_schedule, x, get_timesteps(source.noise_schedule, "logSNR", 20),
                  "uni_pc")
     assert out.shape == (64, 1, 8, 8) and torch.isfinite(out).all()
@@ -37,7 +37,7 @@ def test_shipped_classifier_accuracy_on_held_out_split():
 def test_conditional_sampling_follows_labels():
     source = digits_source(guidance_scale=2.)
     labels = torch.arange(10).repeat(3)
-    x = source.latents(range(30))
+    x = source.latents(range(30), dtype=source.dtype)
     out = sample(source.model_fn_for(labels), source.noise_schedule, x,
                  get_timesteps(source.noise_schedule, "logSNR", 20), "dpm_solver++")
     with torch.no_grad():
@@ -55,6 +55,11 @@ def test_training_runs_and_round_trips(tmp_path):
     x, k = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
     torch.testing.assert_close(loaded(x, k), model(x, k))
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_classifier_training_runs():
+    model, accuracy = digits.train_digits_classifier(epochs=3)
+    assert isinstance(model, digits.DigitsClassifier) and 0.8 < accuracy <= 1.  # chance is 0.1
 
 
 def test_bad_weights_give_clear_errors(tmp_path):

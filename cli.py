@@ -45,10 +45,14 @@ def dataset_options(default: str = "gmm"):
                            "or the torch hub cache).")
         @click.option("--fid-reference", type=click.Path(path_type=Path), default=None,
                       help="cifar10: real-image statistics (.npz with mu, sigma) or a folder of images.")
+        @click.option("--guidance-scale", type=float, default=None,
+                      help="digits: sample class-conditionally (a label per seed) with this classifier-free "
+                           "guidance scale; unconditional when absent.")
         @functools.wraps(f)
-        def wrapper(*args, dataset, preset, checkpoint, inception_weights, fid_reference, **kwargs):
+        def wrapper(*args, dataset, preset, checkpoint, inception_weights, fid_reference, guidance_scale, **kwargs):
             from ats.models.sources import load_source
-            options = {"gmm": dict(**GMM_PRESETS[preset]), "digits": {},
+            digits = {} if guidance_scale is None else dict(conditional=True, guidance_scale=guidance_scale)
+            options = {"gmm": dict(**GMM_PRESETS[preset]), "digits": digits,
                        "cifar10": dict(checkpoint=checkpoint, inception_weights=inception_weights,
                                        fid_reference=fid_reference)}[dataset]
             try:

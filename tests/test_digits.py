@@ -35,7 +35,8 @@ def test_shipped_classifier_accuracy_on_held_out_split():
 
 
 def test_conditional_sampling_follows_labels():
-    source = digits_source(guidance_scale=2.)
+    source = digits_source(conditional=True, guidance_scale=2.)
+    assert source.labels(range(3)).shape == (3,) and digits_source().labels(range(3)) is None
     labels = torch.arange(10).repeat(3)
     x = source.latents(range(30), dtype=source.dtype)
     out = sample(source.model_fn_for(labels), source.noise_schedule, x,

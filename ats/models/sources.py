@@ -86,9 +86,11 @@ def gmm_source(dim: int = 16, components: int = 8, seed: int = 0,
                        ns, (dim,), identity, lambda: gmm_metric(gmm), dtype=torch.float64, info={"gmm": gmm})
 
 
-def digits_source(weights: str | Path | None = None, guidance_scale: float = 1.) -> ModelSource:
-    """The shipped digits U-Net (or ``weights``). Unconditional by default (the null label);
-    with labels, classifier-free guidance at ``guidance_scale``."""
+def digits_source(weights: str | Path | None = None, conditional: bool = False,
+                  guidance_scale: float = 1.) -> ModelSource:
+    """The shipped digits U-Net (or ``weights``). Unconditional (the null label) unless
+    ``conditional``: then every seed gets a class label and the model classifier-free
+    guidance at ``guidance_scale``."""
     from ..metrics import digits_metric
     from .digits import DIGITS_UNET, digits_noise_schedule, load_digits_unet
     path = Path(weights) if weights else DIGITS_UNET
@@ -102,9 +104,10 @@ def digits_source(weights: str | Path | None = None, guidance_scale: float = 1.)
         return model_wrapper(net, ns, guidance_type="classifier-free", condition=labels,
                              unconditional_condition=null.expand(len(labels)), guidance_scale=guidance_scale)
 
-    identity = _digest({"weights": file_digest(path), "guidance_scale": guidance_scale})
-    return ModelSource("digits", model_fn_for, ns, (1, 8, 8), identity, digits_metric, num_classes=net.num_classes,
-                       info={"weights": str(path)})
+    identity = _digest({"weights": file_digest(path), "conditional": conditional, "guidance_scale": guidance_scale})
+    name = f"digits-cfg{guidance_scale:g}" if conditional else "digits"
+    return ModelSource(name, model_fn_for, ns, (1, 8, 8), identity, digits_metric,
+                       num_classes=net.num_classes if conditional else 0, info={"weights": str(path)})
 
 
 def load_source(dataset: str, **options) -> ModelSource:

@@ -90,10 +90,15 @@ def test_inception_weights_missing_is_named_before_sampling(checkpoint, tmp_path
         source.make_metric()
 
 
-def test_inception_fid_with_random_weights(checkpoint, tmp_path):
+def test_inception_fid_with_random_weights(checkpoint, tmp_path, monkeypatch):
     """The standard InceptionV3 path, with a randomly initialised network saved to a file."""
-    fidelity = pytest.importorskip("torch_fidelity", reason="the InceptionV3 FID needs ats[images] (torch-fidelity)")
-    net = fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    pytest.importorskip("torch_fidelity", reason="the InceptionV3 FID needs ats[images] (torch-fidelity)")
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+    with monkeypatch.context() as m:
+        # Only to make the random weights file: torch-fidelity would download the real ones.
+        m.setattr(fe, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     torch.save(net.state_dict(), weights)
     real = tmp_path / "real"

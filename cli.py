@@ -195,5 +195,68 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
         click.echo(f"grid: {save_image_grid(data.targets[:64], grid, scale=4 if source.shape[-1] <= 16 else 1)}")
 
 
+@main.command()
+@click.option("--method", required=True, type=click.Choice(["ld3", "timetuner", "oracle", "oneshot", "delta", "dmn", "gits"]),
+              help="What to fit (README: Methods).")
+@dataset_options(default="digits")
+@click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
+@click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
+@click.option("--nfe", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--n-train", default=50, show_default=True, type=click.IntRange(1), help="Training samples (seeds).")
+@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1), help="Validation samples.")
+@click.option("--n-eval", default=500, show_default=True, type=click.IntRange(2),
+              help="Evaluation samples for the closing comparison (fresh seeds).")
+@click.option("--teacher-solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
+@click.option("--teacher-nfe", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--teacher-discretization", default="edm", show_default=True, type=click.Choice(KINDS))
+@click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE",
+              help="A method option, e.g. --option epochs=200 --option loss=pseudo_huber (repeatable).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default runs/<method>-<dataset>-<solver>-nfe<N>).")
+def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_solver, teacher_nfe,
+        teacher_discretization, raw_options, seed, cache, out) -> None:
+    """Fit one method (one run, no Ray) and compare it with the fixed discretizations."""
+    import json
+
+    from rich.console import Console
+
+    from ats.methods import FitDiverged, fit_method, save_result, save_schedule_json
+    from ats.teacher import TeacherConfig
+
+    options = {}
+    for item in raw_options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    out = out or Path("runs") / f"{method}-{source.name}-{solver}-nfe{nfe}"
+    console = Console()
+    teacher = TeacherConfig(teacher_solver, teacher_nfe, teacher_discretization)
+    try:
+        with console.status(f"fitting {method} ({solver}, NFE {nfe}) on {source.name}"):
+            result = fit_method(method, source, solver, nfe, order, n_train, n_valid, teacher, cache, seed, options)
+    except FitDiverged as e:
+        if getattr(e, "result", None) is not None:
+            save_result(e.result, out / "result.pt")
+            console.print(f"best state before the failure saved to {out / 'result.pt'}")
+        raise click.ClickException(str(e))
+    except (ValueError, TypeError) as e:
+        raise click.UsageError(str(e))
+    save_result(result, out / "result.pt")
+    if result.timesteps is not None:
+        save_schedule_json(result, out / "schedule.json")
+    if result.info.get("interrupted"):
+        console.print("interrupted: the best state so far is saved")
+    from ats.evaluate import evaluate_result
+    table = evaluate_result(source, result, n_eval, teacher, cache)
+    console.print(table)
+    console.print(f"saved to {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,142 @@
+"""The per-sample optimum ("oracle"): one schedule for every sample, found in one batch.
+
+All B samples are optimised at once: one [B, N+1] logit tensor, one solver call per
+iteration, the loss summed over samples (so B schedules cost about what one costs), and
+the best iterate of each sample kept, not the last. The landscape is non-convex and plain
+gradient descent from the global schedule tends to stay in its basin, so the fit runs in
+rounds from different starts:
+- restarts: the global schedule's logits plus Gaussian noise of growing scale;
+- an optional black-box exploration (``explore_trials``): one Optuna study per sample over
+  the N gap logits, driven by batched ask/tell (each round of B asks is one solver call),
+  whose best candidates then seed a gradient refinement.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..metrics import get_loss
+from ..models.sources import ModelSource
+from ..teacher import TeacherData
+from .common import FitDiverged, FitResult, assert_monotone, check_finite
+from .ld3 import Student
+
+
+class _Best:
+    """Best loss and logits per sample over every evaluation seen."""
+
+    def __init__(self, theta: Tensor) -> None:
+        self.loss = torch.full(theta.shape[:1], float("inf"), dtype=theta.dtype)
+        self.theta = theta.detach().clone()
+
+    def update(self, loss: Tensor, theta: Tensor) -> None:
+        better = loss.detach() < self.loss
+        self.loss = torch.where(better, loss.detach(), self.loss)
+        self.theta[better] = theta.detach()[better]
+
+
+def _descend(student: Student, loss_fn, data: TeacherData, theta0: Tensor, iterations: int, lr: float,
+             best: _Best, history: list, progress, round_name: str) -> None:
+    """Adam on the per-sample logits from ``theta0``; every iterate updates ``best``."""
+    theta = theta0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+    unit = data.latents / student.sigma_T
+    for it in range(iterations):
+        per_sample = loss_fn(student(theta, None, unit, data.labels), data.targets)
+        check_finite(per_sample.sum(), it, f"{round_name} loss")
+        best.update(per_sample, theta)
+        opt.zero_grad(set_to_none=True)
+        per_sample.sum().backward()
+        opt.step()
+        history.append(per_sample.mean().item())
+        if progress is not None:
+            progress(round_name, it, best.loss.mean().item())
+    with torch.no_grad():
+        best.update(loss_fn(student(theta, None, unit, data.labels), data.targets), theta)
+
+
+def _explore(student: Student, loss_fn, data: TeacherData, init: Tensor, trials: int, sampler: str,
+             seed: int, best: _Best, spread: float = 1.5) -> Tensor:
+    """One Optuna study per sample over the N gap logits (theta_1..theta_N, centred on the
+    global schedule's); each round asks all B studies once and answers them with one batched
+    solver call. Returns every sample's best explored logits."""
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    b, n1 = data.latents.shape[0], init.shape[-1]
+    make = {"tpe": lambda i: optuna.samplers.TPESampler(seed=seed + i),
+            "cmaes": lambda i: optuna.samplers.CmaEsSampler(seed=seed + i)}
+    if sampler not in make:
+        raise ValueError(f"unknown explore sampler {sampler!r}; choose 'cmaes' or 'tpe'")
+    studies = [optuna.create_study(sampler=make[sampler](i)) for i in range(b)]
+    unit = data.latents / student.sigma_T
+    for _ in range(trials):
+        asked = [s.ask() for s in studies]
+        delta = torch.tensor([[t.suggest_float(f"g{k}", -spread, spread) for k in range(1, n1)] for t in asked],
+                             dtype=init.dtype)
+        theta = init.expand(b, n1).clone()
+        theta[:, 1:] += delta
+        with torch.no_grad():
+            loss = loss_fn(student(theta, None, unit, data.labels), data.targets)
+        for s, t, v in zip(studies, asked, loss.tolist()):
+            s.tell(t, v if v == v else float("inf"))
+        best.update(torch.nan_to_num(loss, nan=float("inf")), theta)
+    out = init.expand(b, n1).clone()
+    for i, s in enumerate(studies):
+        out[i, 1:] += torch.tensor([s.best_params[f"g{k}"] for k in range(1, n1)], dtype=init.dtype)
+    return out
+
+
+def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, order: int | None = None,
+               space: str = "lambda", loss: str = "l2", init: Tensor | None = None, iterations: int = 200,
+               lr: float = 0.05, restarts: int = 2, restart_scale: float = 0.5, explore_trials: int = 0,
+               explore_sampler: str = "tpe", seed: int = 0,
+               progress: Callable[[str, int, float], None] | None = None) -> FitResult:
+    """Per-sample schedules for every sample of ``data`` (latents and teacher targets).
+    ``init``: the global logits to start from (e.g. LD3's; default the logSNR/time-uniform
+    zeros). Rounds: gradient descent from ``init``, then ``restarts`` rounds from ``init`` plus
+    noise of scale restart_scale * k, then (``explore_trials`` > 0) Optuna exploration and a
+    gradient refinement of its best candidates. Returns ``per_sample`` times [B, N+1] with
+    ``info['loss']`` per sample."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    loss_fn = get_loss(loss)
+    student = Student(source, solver, order, space)
+    b, dtype = data.latents.shape[0], data.latents.dtype
+    init = torch.zeros(steps + 1, dtype=dtype) if init is None else init.detach().to(dtype)
+    if init.shape != (steps + 1,):
+        raise ValueError(f"init must be global logits of shape [{steps + 1}], got {tuple(init.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    start = init.expand(b, steps + 1).clone()
+    best = _Best(start)
+    history: dict[str, list[float]] = {}
+    rounds = [("descent", start)] + [
+        (f"restart{k}", start + restart_scale * k * torch.randn(start.shape, generator=g, dtype=dtype))
+        for k in range(1, restarts + 1)]
+    try:
+        with torch.no_grad():
+            best.update(loss_fn(student(start, None, data.latents / student.sigma_T, data.labels), data.targets), start)
+        start_loss = best.loss.clone()
+        for name, theta0 in rounds:
+            _descend(student, loss_fn, data, theta0, iterations, lr, best, history.setdefault(name, []), progress, name)
+        if explore_trials > 0:
+            explored = _explore(student, loss_fn, data, init, explore_trials, explore_sampler, seed, best)
+            _descend(student, loss_fn, data, explored, iterations, lr, best, history.setdefault("explore", []),
+                     progress, "explore")
+    except FitDiverged as e:
+        e.result = _result(student, best, data, solver, order, steps, history, space, loss, diverged=str(e))
+        raise
+    except KeyboardInterrupt:
+        return _result(student, best, data, solver, order, steps, history, space, loss, interrupted=True)
+    return _result(student, best, data, solver, order, steps, history, space, loss,
+                   start_loss=start_loss.tolist())
+
+
+def _result(student: Student, best: _Best, data: TeacherData, solver, order, steps, history, space, loss,
+            **info) -> FitResult:
+    ts = student.timesteps(best.theta).detach()
+    assert_monotone(ts)
+    return FitResult("oracle", solver, order, steps, per_sample=ts, seeds=data.seeds, history=history,
+                     info={"loss": best.loss.tolist(), "theta": best.theta.tolist(), "space": space,
+                           "loss_name": loss, **info})

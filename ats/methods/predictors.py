@@ -1,0 +1,246 @@
+"""Per-sample schedule predictors: from the starting noise x_T to that sample's schedule.
+
+- ``OneShotPredictor``: x_T (and a label) -> logits theta [N+1] in one pass; the schedule is
+  ``timesteps_from_logits(base + net(x_T))``, so an untrained net predicts the global
+  schedule ``base`` (e.g. LD3's).
+- ``DeltaPredictor``: recursive; at step k it sees (x_{t_k}, t_k, k) and picks the next
+  time as a fraction f_k = sigmoid(a_k) of the lambda distance still to go,
+  lambda_{k+1} = lambda_k + f_k (lambda_end - lambda_k), the last time fixed to t_end. The
+  bias makes f_k = 1 / (N - k) (the logSNR schedule) before training. Its inputs are
+  normalised: x / sqrt(alpha^2 + sigma^2), log sigma_bar_t and k / N.
+Both train (a) by regression on oracle schedules or (b) end to end through the solver on
+the teacher loss, with validation, early stopping and the best checkpoint kept.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..metrics import get_loss
+from ..models.sources import ModelSource
+from ..models.wrapper import expand_dims
+from ..params import timesteps_from_logits
+from ..solvers import SolverState, coeffs, get_step_fn, sample, step_orders
+from ..teacher import TeacherData
+from .common import FitDiverged, FitResult, check_finite
+
+
+def encoder(shape: tuple[int, ...], width: int = 64) -> tuple[nn.Module, int]:
+    """Images: residual-free conv stack c -> w -> 2w -> 4w with GroupNorm and global pooling;
+    vectors: an MLP. Returns the module and its feature size."""
+    if len(shape) == 3:
+        c = shape[0]
+        layers, chans = [], [c, width, 2 * width, 4 * width]
+        for i, (a, b) in enumerate(zip(chans, chans[1:])):
+            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.SiLU()]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * width
+    dim = math.prod(shape)
+    return nn.Sequential(nn.Flatten(), nn.Linear(dim, 4 * width), nn.SiLU(), nn.Linear(4 * width, 4 * width),
+                         nn.SiLU()), 4 * width
+
+
+class OneShotPredictor(nn.Module):
+    def __init__(self, shape: tuple[int, ...], steps: int, base: Tensor, num_classes: int = 0,
+                 width: int = 64, dropout: float = 0.) -> None:
+        super().__init__()
+        self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
+                       "dropout": dropout}
+        self.encode, feat = encoder(tuple(shape), width)
+        self.label = nn.Embedding(num_classes, feat) if num_classes else None
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, feat), nn.SiLU(), nn.Linear(feat, steps + 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.register_buffer("base", base.detach().float().clone())
+
+    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        h = self.encode(x_T.float())
+        if self.label is not None and labels is not None:
+            h = h + self.label(labels)
+        return self.base + self.head(h)
+
+
+class DeltaPredictor(nn.Module):
+    def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int = 64,
+                 dropout: float = 0.) -> None:
+        super().__init__()
+        self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
+                       "dropout": dropout}
+        self.steps = steps
+        self.encode, feat = encoder(tuple(shape), width)
+        self.label = nn.Embedding(num_classes, feat) if num_classes else None
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat + 2, feat), nn.SiLU(), nn.Linear(feat, 1))
+        nn.init.zeros_(self.head[-1].weight)
+
+    def fraction(self, x: Tensor, alpha: Tensor, sigma: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
+        """f_k in (0, 1) per sample from x at step k (alpha, sigma: [B])."""
+        h = self.encode((x / expand_dims(torch.sqrt(alpha ** 2 + sigma ** 2), x.ndim)).float())
+        if self.label is not None and labels is not None:
+            h = h + self.label(labels)
+        extra = torch.stack([torch.log(sigma / alpha).float(), torch.full_like(sigma, k / self.steps).float()], 1)
+        logit = self.head(torch.cat([h, extra], 1)).squeeze(1) - math.log(self.steps - k - 1)
+        return torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4).to(x.dtype)
+
+
+def delta_sample(predictor: DeltaPredictor, model_fn, noise_schedule, x: Tensor, solver: str,
+                 order: int | None = None, labels: Tensor | None = None, t_start: float | None = None,
+                 t_end: float | None = None) -> tuple[Tensor, Tensor]:
+    """Sample with the delta predictor choosing each next time; returns (x0, times [B, N+1])."""
+    ns, n = noise_schedule, predictor.steps
+    b = x.shape[0]
+    t = torch.full((b,), ns.T if t_start is None else t_start, dtype=x.dtype, device=x.device)
+    t_last = torch.full((b,), ns.eps if t_end is None else t_end, dtype=x.dtype, device=x.device)
+    lam_end = ns.marginal_lambda(t_last)
+    step = get_step_fn(solver)
+    state, times = SolverState(), [t]
+    for k, o in enumerate(step_orders(solver, n, order)):
+        c = coeffs(ns, t, x.ndim)
+        if k == n - 1:
+            t_next = t_last
+        else:
+            lam = c.lam.reshape(-1)
+            f = predictor.fraction(x, c.alpha.reshape(-1), c.sigma.reshape(-1), k, labels)
+            t_next = ns.inverse_lambda(lam + f * (lam_end - lam))
+        x, state = step(model_fn, x, c, coeffs(ns, t_next, x.ndim), state, order=o, last=k == n - 1)
+        t = t_next
+        times.append(t)
+    return x, torch.stack(times, 1)
+
+
+class PredictorSampler:
+    """What a predictor's users call: ``(x_T, labels) -> (x0, per-sample times)``."""
+
+    def __init__(self, predictor: nn.Module, source: ModelSource, solver: str, order: int | None,
+                 space: str = "lambda") -> None:
+        self.predictor, self.source, self.solver, self.order, self.space = predictor, source, solver, order, space
+
+    def timesteps(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        """One-shot schedules [B, N+1] (one-shot predictors only)."""
+        return timesteps_from_logits(self.predictor(x_T, labels).to(x_T.dtype), self.source.noise_schedule,
+                                     space=self.space)
+
+    def __call__(self, x_T: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        model_fn = self.source.model_fn_for(labels)
+        if isinstance(self.predictor, DeltaPredictor):
+            return delta_sample(self.predictor, model_fn, self.source.noise_schedule, x_T, self.solver,
+                                self.order, labels)
+        ts = self.timesteps(x_T, labels)
+        return sample(model_fn, self.source.noise_schedule, x_T, ts, self.solver, order=self.order), ts
+
+
+def _regression_loss(sampler: PredictorSampler, x_T: Tensor, labels, target_ts: Tensor) -> Tensor:
+    """Mean squared error in lambda between predicted and oracle schedules, per sample."""
+    ns = sampler.source.noise_schedule
+    if isinstance(sampler.predictor, DeltaPredictor):
+        # Teacher forcing: walk the oracle schedule; at each step, the fraction it took.
+        pred, state = [], SolverState()
+        model_fn = sampler.source.model_fn_for(labels)
+        step, x = get_step_fn(sampler.solver), x_T
+        lam = ns.marginal_lambda(target_ts)
+        n = target_ts.shape[1] - 1
+        for k, o in enumerate(step_orders(sampler.solver, n, sampler.order)):
+            c = coeffs(ns, target_ts[:, k], x.ndim)
+            if k < n - 1:
+                f = sampler.predictor.fraction(x, c.alpha.reshape(-1), c.sigma.reshape(-1), k, labels)
+                goal = (lam[:, k + 1] - lam[:, k]) / (lam[:, -1] - lam[:, k])
+                pred.append((f - goal) ** 2)
+            with torch.no_grad():
+                x, state = step(model_fn, x, c, coeffs(ns, target_ts[:, k + 1], x.ndim), state, order=o,
+                                last=k == n - 1)
+        return torch.stack(pred, 1).mean(1) if pred else torch.zeros(len(x_T), dtype=x_T.dtype)
+    lam_p = ns.marginal_lambda(sampler.timesteps(x_T, labels))
+    lam_t = ns.marginal_lambda(target_ts)
+    span = (lam_t[:, -1] - lam_t[:, 0]).abs()[:, None]
+    return (((lam_p - lam_t) / span) ** 2).mean(1)
+
+
+def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: TeacherData, solver: str, steps: int,
+                  order: int | None = None, objective: str = "end_to_end", oracle_train: Tensor | None = None,
+                  oracle_valid: Tensor | None = None, base: Tensor | None = None, space: str = "lambda",
+                  loss: str = "l2", width: int = 64, dropout: float = 0., epochs: int = 100, batch_size: int = 64,
+                  lr: float = 1e-3, patience: int = 10, seed: int = 0,
+                  progress: Callable[[int, float, float], None] | None = None) -> FitResult:
+    """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits oracle
+    schedules (``oracle_train``/``oracle_valid``, [B, N+1] times for the data's samples);
+    ``end_to_end`` minimises the teacher loss through the solver. Early stopping on the
+    validation teacher loss (the quantity that matters); the best checkpoint is returned."""
+    if kind not in ("oneshot", "delta"):
+        raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
+    if objective not in ("regression", "end_to_end"):
+        raise ValueError(f"unknown objective {objective!r}; choose 'regression' or 'end_to_end'")
+    if objective == "regression" and (oracle_train is None or oracle_valid is None):
+        raise ValueError("objective 'regression' needs oracle schedules for the training and validation samples")
+    if kind == "delta" and steps < 2:
+        raise ValueError("the delta predictor needs steps >= 2 (the last time is fixed)")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    loss_fn = get_loss(loss)
+    classes = source.num_classes
+    if kind == "oneshot":
+        base = torch.zeros(steps + 1) if base is None else base
+        net = OneShotPredictor(source.shape, steps, base, classes, width, dropout)
+    else:
+        net = DeltaPredictor(source.shape, steps, classes, width, dropout)
+    sampler = PredictorSampler(net, source, solver, order, space)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    history = {"train_loss": [], "valid_loss": []}
+
+    def teacher_loss(data: TeacherData) -> float:
+        net.eval()
+        with torch.no_grad():
+            out, _ = sampler(data.latents, data.labels)
+            value = loss_fn(out, data.targets).mean().item()
+        net.train()
+        return value
+
+    best = {"valid": teacher_loss(valid), "state": copy.deepcopy(net.state_dict()), "epoch": -1}
+    history["valid_loss"].append(best["valid"])
+    bad = 0
+    epoch = -1
+    try:
+        for epoch in range(epochs):
+            losses = []
+            for idx in torch.randperm(len(train.latents), generator=g).split(batch_size):
+                labels = None if train.labels is None else train.labels[idx]
+                if objective == "regression":
+                    per = _regression_loss(sampler, train.latents[idx], labels, oracle_train[idx])
+                else:
+                    out, _ = sampler(train.latents[idx], labels)
+                    per = loss_fn(out, train.targets[idx])
+                value = check_finite(per.mean(), epoch)
+                opt.zero_grad(set_to_none=True)
+                per.mean().backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.)
+                opt.step()
+                losses.append(value)
+            val = check_finite(teacher_loss(valid), epoch, "validation loss")
+            history["train_loss"].append(sum(losses) / len(losses))
+            history["valid_loss"].append(val)
+            if progress is not None:
+                progress(epoch, history["train_loss"][-1], val)
+            if val < best["valid"]:
+                best.update(valid=val, state=copy.deepcopy(net.state_dict()), epoch=epoch)
+                bad = 0
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    except FitDiverged as e:
+        net.load_state_dict(best["state"])
+        e.result = _predictor_result(kind, net, solver, order, steps, history, best, objective, space, diverged=str(e))
+        raise
+    except KeyboardInterrupt:
+        net.load_state_dict(best["state"])
+        return _predictor_result(kind, net, solver, order, steps, history, best, objective, space, interrupted=True)
+    net.load_state_dict(best["state"])
+    return _predictor_result(kind, net, solver, order, steps, history, best, objective, space, epochs=epoch + 1)
+
+
+def _predictor_result(kind, net, solver, order, steps, history, best, objective, space, **info) -> FitResult:
+    net.eval()
+    return FitResult(kind, solver, order, steps, predictor=net, history=history,
+                     info={"objective": objective, "space": space, "best_valid_loss": best["valid"],
+                           "best_epoch": best["epoch"], **info})

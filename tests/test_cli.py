@@ -73,3 +73,25 @@ def test_compare_digits_by_fid():
     assert result.exit_code == 0, result.output
     rows = table_rows(result.output)
     assert rows[("dpm_solver++", 10)][0] < rows[("dpm_solver++", 3)][0]
+
+
+def test_fit_writes_the_schedule_and_compares_it(tmp_path):
+    out = tmp_path / "run"
+    args = ["fit", "--method", "ld3", "--dataset", "gmm", "--preset", "2d", "--solver", "dpm_solver++", "--nfe", "4",
+            "--n-train", "16", "--n-valid", "16", "--n-eval", "64", "--option", "epochs=3",
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    import json
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert schedule["method"] == "ld3" and len(schedule["timesteps"]) == 5
+    assert "ld3" in result.output and "vs best fixed" in result.output
+    import torch
+    assert torch.load(out / "result.pt", weights_only=True)["nfe"] == 4
+
+
+def test_fit_bad_option_and_method():
+    result = CliRunner().invoke(main, ["fit", "--method", "ld3", "--dataset", "gmm", "--option", "epochs"])
+    assert result.exit_code == 2 and "is not KEY=VALUE" in result.output
+    result = CliRunner().invoke(main, ["fit", "--method", "ld3", "--dataset", "gmm", "--option", "lr_typo=1"])
+    assert result.exit_code == 2 and "lr_typo" in result.output

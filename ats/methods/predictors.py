@@ -74,6 +74,7 @@ class DeltaPredictor(nn.Module):
         self.label = nn.Embedding(num_classes, feat) if num_classes else None
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat + 2, feat), nn.SiLU(), nn.Linear(feat, 1))
         nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
 
     def fraction(self, x: Tensor, alpha: Tensor, sigma: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
         """f_k in (0, 1) per sample from x at step k (alpha, sigma: [B])."""

@@ -1,0 +1,104 @@
+"""LD3, the batched oracle and the predictors on the analytic mixture (fast, exact model)."""
+import pytest
+import torch
+
+from ats.discretize import get_timesteps
+from ats.methods.common import FitDiverged
+from ats.methods.ld3 import fit_ld3
+from ats.methods.oracle import fit_oracle
+from ats.methods.predictors import DeltaPredictor, PredictorSampler, fit_predictor
+from ats.models.sources import gmm_source
+from ats.params import timesteps_from_logits
+from ats.teacher import TeacherConfig, generate_teacher, split_seeds
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    source = gmm_source(dim=8, components=4)
+    cache = tmp_path_factory.mktemp("teacher")
+    cfg = TeacherConfig(nfe=20)
+    train = generate_teacher(source, split_seeds("train", 48), cfg, cache, dtype=torch.float64)
+    valid = generate_teacher(source, split_seeds("valid", 32), cfg, cache, dtype=torch.float64)
+    return source, train, valid
+
+
+def test_ld3_improves_on_its_start_and_is_reproducible(setup):
+    source, train, valid = setup
+    a = fit_ld3(source, train, valid, "dpm_solver++", 4, epochs=25)
+    b = fit_ld3(source, train, valid, "dpm_solver++", 4, epochs=25)
+    assert torch.equal(a.timesteps, b.timesteps)
+    ts = a.timesteps
+    assert ts[0] == source.noise_schedule.T and ts[-1] == source.noise_schedule.eps and (ts.diff() < 0).all()
+    assert a.info["best_valid_loss"] < a.history["valid_loss"][0] or a.info["best_valid_loss"] <= min(a.history["valid_loss"])
+    assert a.info["best_valid_loss"] == pytest.approx(min([a.info["best_valid_loss"]] + a.history["valid_loss"]))
+    assert a.cond_timesteps is not None and a.cond_timesteps.shape == ts.shape
+
+
+def test_ld3_interrupt_and_divergence_keep_the_best(setup):
+    source, train, valid = setup
+
+    def stop(epoch, train_loss, valid_loss):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    res = fit_ld3(source, train, valid, "uni_pc", 4, epochs=50, progress=stop)
+    assert res.info["interrupted"] and (res.timesteps.diff() < 0).all()
+
+    calls = []
+    bad = gmm_source(dim=8, components=4)
+    inner = bad.model_fn_for
+    bad.model_fn_for = lambda labels: (lambda x, t: calls.append(1) or (inner(labels)(x, t) * (float("nan") if len(calls) > 60 else 1.)))
+    with pytest.raises(FitDiverged, match="at step") as info:
+        fit_ld3(bad, train, valid, "uni_pc", 4, epochs=50)
+    assert (info.value.result.timesteps.diff() < 0).all()
+
+
+def test_oracle_keeps_the_best_iterate_per_sample(setup):
+    source, train, _ = setup
+    res = fit_oracle(source, train, "dpm_solver++", 4, iterations=30, restarts=1, explore_trials=5)
+    start, best = torch.tensor(res.info["start_loss"]), torch.tensor(res.info["loss"])
+    assert res.per_sample.shape == (48, 5) and (res.per_sample.diff(dim=1) < 0).all()
+    assert (best <= start).all() and best.mean() < 0.8 * start.mean()
+    assert torch.equal(res.seeds, train.seeds)
+    with pytest.raises(ValueError, match="unknown explore sampler"):
+        fit_oracle(source, train, "dpm_solver++", 4, iterations=1, restarts=0, explore_trials=1, explore_sampler="grid")
+
+
+def test_untrained_predictors_give_their_base_schedules(setup):
+    source, train, _ = setup
+    base = torch.randn(6, dtype=torch.float64)
+    res = fit_predictor("oneshot", source, train, train, "dpm_solver++", 5, base=base, epochs=0)
+    sampler = PredictorSampler(res.predictor, source, "dpm_solver++", None)
+    ts = sampler.timesteps(train.latents[:4])
+    torch.testing.assert_close(ts, timesteps_from_logits(base, source.noise_schedule).expand(4, -1), rtol=1e-5, atol=1e-6)
+    delta = DeltaPredictor(source.shape, 5)
+    _, times = PredictorSampler(delta, source, "dpm_solver++", None)(train.latents[:3])
+    torch.testing.assert_close(times, get_timesteps(source.noise_schedule, "logSNR", 5).expand(3, -1),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["oneshot", "delta"])
+@pytest.mark.parametrize("objective", ["end_to_end", "regression"])
+def test_predictors_train_and_keep_the_best_checkpoint(setup, kind, objective):
+    source, train, valid = setup
+    extra = {}
+    if objective == "regression":
+        extra = dict(oracle_train=fit_oracle(source, train, "dpm_solver++", 4, iterations=10, restarts=0).per_sample,
+                     oracle_valid=fit_oracle(source, valid, "dpm_solver++", 4, iterations=10, restarts=0).per_sample)
+    res = fit_predictor(kind, source, train, valid, "dpm_solver++", 4, objective=objective, epochs=4,
+                        batch_size=16, **extra)
+    assert res.info["best_valid_loss"] == pytest.approx(min(res.history["valid_loss"]))
+    out, times = PredictorSampler(res.predictor, source, "dpm_solver++", None)(valid.latents)
+    assert torch.isfinite(out).all() and (times.diff(dim=1) < 0).all()
+
+
+def test_bad_method_input(setup):
+    source, train, valid = setup
+    with pytest.raises(ValueError, match="unknown predictor"):
+        fit_predictor("tree", source, train, valid, "ddim", 3)
+    with pytest.raises(ValueError, match="needs oracle schedules"):
+        fit_predictor("oneshot", source, train, valid, "ddim", 3, objective="regression")
+    with pytest.raises(ValueError, match="unknown loss"):
+        fit_ld3(source, train, valid, "ddim", 3, loss="l7")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        fit_ld3(source, train, valid, "ddim", 3, optimizer="sgd")

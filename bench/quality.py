@@ -26,7 +26,7 @@ import torch
 
 from ats.discretize import KINDS, get_timesteps
 from ats.evaluate import result_samples
-from ats.methods import fit_method
+from ats.methods import first_n, fit_method
 from ats.methods.dmn import fit_dmn
 from ats.methods.gits import fit_gits
 from ats.methods.ld3 import Student, fit_ld3
@@ -35,13 +35,9 @@ from ats.methods.predictors import PredictorSampler, fit_predictor
 from ats.metrics import frechet_distance, l2_loss
 from ats.models.sources import GMM_PRESETS, load_source
 from ats.solvers import sample
-from ats.teacher import TeacherConfig, TeacherData, generate_teacher, split_seeds
+from ats.teacher import TeacherConfig, generate_teacher, split_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def head(data: TeacherData, n: int) -> TeacherData:
-    return TeacherData(*(None if v is None else v[:n] for v in data))
 
 
 def score(source, metric, out, targets) -> dict:
@@ -69,7 +65,7 @@ def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
     fits["gits"] = fit_gits(source, solver, nfe, split_seeds("train", 256))
     seconds["gits"] = time.perf_counter() - t
     t = time.perf_counter()
-    fits["ld3"] = fit_ld3(source, head(train, 50), valid, solver, nfe, epochs=args.ld3_epochs)
+    fits["ld3"] = fit_ld3(source, first_n(train, 50), valid, solver, nfe, epochs=args.ld3_epochs)
     seconds["ld3"] = time.perf_counter() - t
     base = torch.tensor(fits["ld3"].info["theta"])
     for kind in ("oneshot", "delta"):
@@ -130,6 +126,26 @@ def predictor_overhead(source, res, solver: str, nfe: int, n: int = 256, repeats
     return {"plain_ms": 1e3 * plain, "predictor_ms": 1e3 * pred, "overhead_pct": 100 * (pred - plain) / plain}
 
 
+METHODS = ["time_uniform", "logSNR", "time_quadratic", "edm", "dmn", "gits", "ld3", "oneshot", "delta", "oracle"]
+
+
+def write_tables(results: dict, began: float) -> str:
+    """bench/results/quality.{json,md} from what is finished so far (temporary file, rename)."""
+    results["seconds"] = time.perf_counter() - began
+    lines = ["| dataset | solver | NFE | " + " | ".join(METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
+    for c in results["configs"]:
+        cells = [f"{c['rows'][m]['fid']:.3f} ({c['rows'][m]['vs_ld3_pct']:+.0f}%)" for m in METHODS]
+        lines.append(f"| {c['dataset']} | {c['solver']} | {c['nfe']} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name, text in (("quality.json", json.dumps(results, indent=2) + "\n"),
+                       ("quality.md", "# Schedule quality (FID, % vs LD3)\n\n" + table)):
+        tmp = RESULTS / (name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, RESULTS / name)
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default="digits")
@@ -153,6 +169,7 @@ def main() -> None:
                 r = run_config(source, solver, nfe, args, Path(args.cache))
                 results["configs"].append({"dataset": dataset, "solver": solver, "nfe": nfe, **r})
                 print(dataset, solver, nfe, {k: round(v["fid"], 3) for k, v in r["rows"].items()}, flush=True)
+                write_tables(results, began)
         if dataset == "digits":
             tt = fit_method("timetuner", source, "ddim", 10, options={"discretization": "time_uniform"})
             ev = generate_teacher(source, split_seeds("eval", args.n_eval), TeacherConfig(), args.cache, dtype=source.dtype)
@@ -167,20 +184,8 @@ def main() -> None:
             res = fit_predictor("oneshot", source, *(generate_teacher(source, split_seeds(s, 64), TeacherConfig(),
                                 args.cache, dtype=source.dtype) for s in ("train", "valid")), "dpm_solver++", 5, epochs=1)
             results["predictor_overhead_nfe5"] = predictor_overhead(source, res, "dpm_solver++", 5)
-    results["seconds"] = time.perf_counter() - began
-    methods = ["time_uniform", "logSNR", "time_quadratic", "edm", "dmn", "gits", "ld3", "oneshot", "delta", "oracle"]
-    lines.append("| dataset | solver | NFE | " + " | ".join(methods) + " |")
-    lines.append("|---|---|---|" + "---|" * len(methods))
-    for c in results["configs"]:
-        cells = [f"{c['rows'][m]['fid']:.3f} ({c['rows'][m]['vs_ld3_pct']:+.0f}%)" for m in methods]
-        lines.append(f"| {c['dataset']} | {c['solver']} | {c['nfe']} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in (("quality.json", json.dumps(results, indent=2) + "\n"),
-                       ("quality.md", "# Schedule quality (FID, % vs LD3)\n\n" + table)):
-        tmp = RESULTS / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, RESULTS / name)
+            write_tables(results, began)
+    table = write_tables(results, began)
     print(table)
     for key in ("timetuner_ddim10", "oracle_speed", "predictor_overhead_nfe5"):
         if key in results:

@@ -71,7 +71,7 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     if method == "ld3":
         return fit_ld3(source, train, valid, solver, steps, order, seed=seed, **options)
     ld3_options = options.pop("ld3", {})
-    ld3 = fit_ld3(source, _head(train, 50), valid, solver, steps, order, seed=seed, **ld3_options)
+    ld3 = fit_ld3(source, first_n(train, 50), valid, solver, steps, order, seed=seed, **ld3_options)
     base = torch.tensor(ld3.info["theta"])
     if method == "oracle":
         return fit_oracle(source, train, solver, steps, order, init=base, seed=seed, **options)
@@ -86,8 +86,9 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     return result
 
 
-def _head(data: TeacherData, n: int) -> TeacherData:
+def first_n(data: TeacherData, n: int) -> TeacherData:
+    """The first n samples of teacher data."""
     return TeacherData(*(None if v is None else v[:n] for v in data))
 
 
-__all__ = ["METHODS", "fit_method", "FitResult", "FitDiverged", "save_result", "save_schedule_json"]
+__all__ = ["METHODS", "fit_method", "first_n", "FitResult", "FitDiverged", "save_result", "save_schedule_json"]

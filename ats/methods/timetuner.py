@@ -35,18 +35,27 @@ Any solver of ``ats.solvers`` works, through its one-step function:
   mode x_i comes from the forward process, so only the network call at x_i sees r_i (for
   UniPC the reused corrector output is recomputed at x_i).
 
-Implementation choices (each iteration of the reference draws fresh data and noise and
-re-runs the tuned prefix): a pool of ``pool_size`` (x0, eps) pairs is drawn once, pushed
-through the tuned steps once per step (sequential) or noised to t_i (parallel), with the
-untuned targets eps(x_i, t_i) computed once; each Adam iteration then takes a minibatch of
-``batch_size`` from the pool. With the default pool (``iterations * batch_size``, at most
-4096) every pair is used about once per step, as in the reference, at about a third of its
-cost in sequential mode. Gradients are taken with ``torch.autograd.grad`` with respect to
-the ratio only, so the network's parameters are never touched.
+Data pool (where this differs from the reference, whose every iteration draws fresh data and
+noise and, in sequential mode, re-runs all the tuned steps before step i on them): a pool of
+``pool_size`` (x0, eps) pairs is drawn once, pushed through the tuned steps once per step
+(sequential) or noised to t_i (parallel), with the targets eps(x_i, t_i) computed once; each
+Adam iteration then takes a minibatch of ``batch_size`` from the pool. The loss and its
+gradient are the same; with the default pool (``iterations * batch_size``, at most 4096)
+each pair is used about once per step, as in the reference, and a sequential fit costs
+about what a parallel one does. Gradients are taken with ``torch.autograd.grad`` with
+respect to the ratio only, so the network's parameters (and their ``.grad``) are never
+touched.
 
-Safe range: after each Adam update r_i is projected onto [lo_i, hi_i], the intersection of
-``ratio_range`` with the schedule's valid times (t_min <= r_i t_i <= t_max; on VP schedules
-r_0 <= 1 when t_0 = T), so every conditioning time is valid.
+Safe range (the reference leaves r unconstrained): after each Adam update r_i is projected
+onto [lo_i, hi_i], the intersection of ``ratio_range`` with the schedule's valid times
+(t_min <= r_i t_i <= t_max; on VP schedules r_0 <= 1 when t_0 = T), so every conditioning
+time is valid. DDIM is fitted deterministic (eta = 0), as ``sample`` runs it by default.
+
+Measured on the digits model (2000 evaluation samples, 200 iterations of batch 64): DDIM at
+NFE 10 improves by 11-16 % in FID on time_uniform and logSNR, both strategies. At NFE 5 the
+sequential fit also improves DPM-Solver++ and UniPC; at NFE 10, where they are already close
+to the model's floor, it does not (neutral to worse), as the loss measures the first-order
+(constant direction) error of a step.
 
 Divergence: a NaN/inf loss raises ``FitDiverged`` naming the step and iteration; the
 exception's ``result`` attribute is a ``FitResult`` with the ratios so far (steps already
@@ -89,6 +98,16 @@ def _cat_states(states: list[SolverState]) -> SolverState:
     outputs = tuple(torch.cat([s.outputs[k] for s in states]) for k in range(len(first.outputs)))
     pending = None if first.pending is None else torch.cat([s.pending for s in states])
     return SolverState(first.lams, outputs, pending)
+
+
+def _finite(value: Tensor, step: int, what: str, last_good: Tensor) -> float:
+    """``check_finite``; a ``FitDiverged`` carries ``last_good``, the step's last ratio whose
+    loss was finite."""
+    try:
+        return check_finite(value, step, what)
+    except FitDiverged as err:
+        err.last_good = last_good
+        raise
 
 
 def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
@@ -180,14 +199,15 @@ def _check_inputs(noise_schedule: NoiseSchedule, data: Tensor, timesteps: Tensor
 
 def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor, timesteps: Tensor,
                   solver: str = "ddim", order: int | None = None, strategy: str = "sequential",
-                  iterations: int = 100, lr: float = 2e-3, batch_size: int = 64, seed: int = 0,
+                  iterations: int = 200, lr: float = 2e-3, batch_size: int = 64, seed: int = 0,
                   encode_fn: Callable[[Tensor], Tensor] | None = None, progress: Progress | None = None,
                   pool_size: int | None = None, ratio_range: tuple[float, float] = (0.5, 2.0),
                   lower_order_final: bool = True, variant: str = "bh1") -> FitResult:
     """Fit TimeTuner's ratios for ``solver`` on the schedule ``timesteps`` (see the module doc).
 
     ``data``: real samples x0 [M, ...] in the data space; ``encode_fn`` maps a batch of them to
-    the model's space (latent models), identity by default. ``iterations`` Adam steps of
+    the model's space (latent models), identity by default; the encoded data's dtype and
+    device are the fit's. ``iterations`` Adam steps of
     ``batch_size`` per tuned step (``lr`` as published: 2e-3). ``order``, ``lower_order_final``
     and ``variant`` must match what ``ats.solvers.sample`` will be called with. ``progress(step,
     iteration, loss)`` is called after every iteration. Seeded by ``seed``: on the CPU the same
@@ -199,7 +219,7 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
     ``history["ratio_i"]`` its ratio after each iteration. Raises ``FitDiverged`` (with
     ``.result``) on a non-finite loss.
     """
-    spec, order = solver_spec(solver, order)
+    _, order = solver_spec(solver, order)
     step = get_step_fn(solver, variant=variant)
     _check_inputs(noise_schedule, data, timesteps, strategy, iterations, lr, batch_size, pool_size, ratio_range)
     started = time.perf_counter()
@@ -311,18 +331,12 @@ def _fit_ratio(prob: _Problem, i: int, x_i: Tensor, state_i: SolverState, target
             eps_t = target[idx]
         x_next, _ = prob.run_step(i, xb, sb, s_i, ts[i + 1:i + 2])
         loss = _sq_dist(eps_t, prob.model_fn(x_next, ts[i + 1:i + 2]))
-        try:
-            value = check_finite(loss.detach(), i, what=f"timetuner loss (iteration {it})")
-        except FitDiverged as err:
-            err.last_good = last_good
-            raise
-        (grad,) = torch.autograd.grad(loss, [r], allow_unused=True)
-        grad = torch.zeros_like(r) if grad is None else grad
-        try:
-            check_finite(grad, i, what=f"timetuner gradient (iteration {it})")
-        except FitDiverged as err:
-            err.last_good = last_good
-            raise
+        value = _finite(loss.detach(), i, f"timetuner loss (iteration {it})", last_good)
+        grad = torch.autograd.grad(loss, [r], allow_unused=True)[0] if loss.requires_grad else None
+        if grad is None:
+            raise ValueError(f"step {i} never calls the network at its conditioning time cond_t, so "
+                             "TimeTuner has nothing to tune there")
+        _finite(grad, i, f"timetuner gradient (iteration {it})", last_good)
         last_good = r.detach().clone()
         r.grad = grad
         opt.step()

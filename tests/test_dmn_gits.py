@@ -17,15 +17,6 @@ from ats.solvers import sample, step_orders
 LINEAR = NoiseScheduleVP("linear")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are tiny: extra threads only add overhead (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def source():
     return gmm_source(dim=16, components=8)

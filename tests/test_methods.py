@@ -14,7 +14,6 @@ from ats.teacher import TeacherConfig, generate_teacher, split_seeds
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.set_num_threads(1)
     source = gmm_source(dim=8, components=4)
     cache = tmp_path_factory.mktemp("teacher")
     cfg = TeacherConfig(nfe=20)

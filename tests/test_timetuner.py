@@ -13,17 +13,6 @@ from ats.params import ratio_cond_timesteps
 from ats.solvers import sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These small CPU models gain little from a second thread and lose much when the cores
-    are shared: this file took 14 s with one thread and 8.5 minutes with two on a loaded
-    2-core machine. The setting is restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gmm_setup():
     """The 16-D mixture with its exact denoiser, real samples from the mixture, NFE 6."""

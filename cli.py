@@ -245,13 +245,18 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
             save_result(e.result, out / "result.pt")
             console.print(f"best state before the failure saved to {out / 'result.pt'}")
         raise click.ClickException(str(e))
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         raise click.UsageError(str(e))
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise click.UsageError(f"--option: {str(e).split('() ')[-1]} for method {method}")
     save_result(result, out / "result.pt")
     if result.timesteps is not None:
         save_schedule_json(result, out / "schedule.json")
     if result.info.get("interrupted"):
-        console.print("interrupted: the best state so far is saved")
+        console.print(f"interrupted: the best state so far is saved to {out}")
+        return
     from ats.evaluate import evaluate_result
     table = evaluate_result(source, result, n_eval, teacher, cache)
     console.print(table)

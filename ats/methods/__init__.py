@@ -72,6 +72,8 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
         return fit_ld3(source, train, valid, solver, steps, order, seed=seed, **options)
     ld3_options = options.pop("ld3", {})
     ld3 = fit_ld3(source, first_n(train, 50), valid, solver, steps, order, seed=seed, **ld3_options)
+    if ld3.info.get("interrupted"):
+        return ld3  # stopped while fitting the starting schedule: that is the best state there is
     base = torch.tensor(ld3.info["theta"])
     if method == "oracle":
         return fit_oracle(source, train, solver, steps, order, init=base, seed=seed, **options)
@@ -82,7 +84,7 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
         options["oracle_valid"] = fit_oracle(source, valid, solver, steps, order, init=base, seed=seed,
                                              **oracle_options).per_sample
     result = fit_predictor(method, source, train, valid, solver, steps, order, base=base, seed=seed, **options)
-    result.timesteps = ld3.timesteps  # the global schedule it started from, for comparison
+    result.info["ld3_timesteps"] = ld3.timesteps.tolist()  # the global schedule it started from
     return result
 
 

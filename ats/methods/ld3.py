@@ -12,7 +12,6 @@ without improvement the best state is reloaded and both learning rates shrink by
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -82,14 +81,19 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
     state so far as ``.result``."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if batch_size < 1 or epochs < 0:
+        raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     loss_fn = get_loss(loss)
     student = Student(source, solver, order, space)
-    dtype = train.latents.dtype
+    dtype, device = train.latents.dtype, train.latents.device
     g = torch.Generator().manual_seed(seed)
     if init is None:
         init = best_fixed_logits(student, loss_fn, valid, steps)
-    theta = init.detach().clone().to(dtype).requires_grad_(True)
-    xi = torch.zeros(steps + 1, dtype=dtype, requires_grad=True) if learn_xi else None
+    theta = torch.as_tensor(init).detach().clone().to(dtype=dtype, device=device)
+    if theta.shape != (steps + 1,):
+        raise ValueError(f"init must be logits of shape [{steps + 1}], got {tuple(theta.shape)}")
+    theta.requires_grad_(True)
+    xi = torch.zeros(steps + 1, dtype=dtype, device=device, requires_grad=True) if learn_xi else None
     if optimizer not in ("rmsprop", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r}; choose 'rmsprop' (LD3's) or 'adam'")
     opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9) if optimizer == "rmsprop" else torch.optim.Adam([theta], lr=lr)
@@ -129,7 +133,7 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
                 if xi_opt is not None:
                     xi_opt.zero_grad(set_to_none=True)
                 per_sample.mean().backward()
-                torch.nn.utils.clip_grad_norm_([theta], 1.)
+                check_finite(torch.nn.utils.clip_grad_norm_([theta], 1.), epoch, "gradient norm")
                 opt.step()
                 if xi_opt is not None:
                     xi_opt.step()
@@ -139,7 +143,11 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
                     move = (u[idx] - u0[idx]).flatten(1) - radius * grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
                     move = move * (radius / move.norm(dim=1, keepdim=True).clamp_min(radius))
                     candidate = u0[idx] + move.view_as(latent)
-                    better = loss_fn(student(theta, xi, candidate, labels), train.targets[idx]) < per_sample
+                    # Current and moved latents under the updated schedule, in one solver call.
+                    both = loss_fn(student(theta, xi, torch.cat([latent.detach(), candidate]),
+                                           None if labels is None else torch.cat([labels, labels])),
+                                   torch.cat([train.targets[idx]] * 2))
+                    better = both[len(idx):] < both[:len(idx)]
                     u[idx[better]] = candidate[better]
             val = check_finite(validate(), epoch, "validation loss")
             history["train_loss"].append(sum(losses) / len(losses))

@@ -28,7 +28,7 @@ class _Best:
     """Best loss and logits per sample over every evaluation seen."""
 
     def __init__(self, theta: Tensor) -> None:
-        self.loss = torch.full(theta.shape[:1], float("inf"), dtype=theta.dtype)
+        self.loss = torch.full(theta.shape[:1], float("inf"), dtype=theta.dtype, device=theta.device)
         self.theta = theta.detach().clone()
 
     def update(self, loss: Tensor, theta: Tensor) -> None:
@@ -49,6 +49,7 @@ def _descend(student: Student, loss_fn, data: TeacherData, theta0: Tensor, itera
         best.update(per_sample, theta)
         opt.zero_grad(set_to_none=True)
         per_sample.sum().backward()
+        check_finite(theta.grad.abs().sum(), it, f"{round_name} gradient")
         opt.step()
         history.append(per_sample.mean().item())
         if progress is not None:
@@ -103,8 +104,9 @@ def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, 
         raise ValueError(f"steps must be >= 1, got {steps}")
     loss_fn = get_loss(loss)
     student = Student(source, solver, order, space)
-    b, dtype = data.latents.shape[0], data.latents.dtype
-    init = torch.zeros(steps + 1, dtype=dtype) if init is None else init.detach().to(dtype)
+    b, dtype, device = data.latents.shape[0], data.latents.dtype, data.latents.device
+    init = torch.zeros(steps + 1, dtype=dtype, device=device) if init is None \
+        else torch.as_tensor(init).detach().to(dtype=dtype, device=device)
     if init.shape != (steps + 1,):
         raise ValueError(f"init must be global logits of shape [{steps + 1}], got {tuple(init.shape)}")
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +114,7 @@ def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, 
     best = _Best(start)
     history: dict[str, list[float]] = {}
     rounds = [("descent", start)] + [
-        (f"restart{k}", start + restart_scale * k * torch.randn(start.shape, generator=g, dtype=dtype))
+        (f"restart{k}", start + restart_scale * k * torch.randn(start.shape, generator=g, dtype=dtype).to(device))
         for k in range(1, restarts + 1)]
     try:
         with torch.no_grad():

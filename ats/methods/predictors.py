@@ -185,6 +185,9 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
         net = OneShotPredictor(source.shape, steps, base, classes, width, dropout)
     else:
         net = DeltaPredictor(source.shape, steps, classes, width, dropout)
+    if batch_size < 1 or epochs < 0:
+        raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
+    net = net.to(train.latents.device)
     sampler = PredictorSampler(net, source, solver, order, space)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history = {"train_loss": [], "valid_loss": []}
@@ -214,7 +217,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
                 value = check_finite(per.mean(), epoch)
                 opt.zero_grad(set_to_none=True)
                 per.mean().backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.)
+                check_finite(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.), epoch, "gradient norm")
                 opt.step()
                 losses.append(value)
             val = check_finite(teacher_loss(valid), epoch, "validation loss")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .atomic import write_atomic
 from .metrics import to_uint8
 
 
@@ -30,10 +30,5 @@ def image_grid(images: Tensor, nrow: int | None = None, scale: int = 1, pad: int
 def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
     """Write ``image_grid`` as a PNG (temporary file, then rename)."""
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     grid = image_grid(images, nrow, scale).numpy()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda tmp: Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(tmp))

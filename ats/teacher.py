@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -20,6 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from .atomic import write_atomic
 from .discretize import get_timesteps
 from .models.sources import ModelSource
 from .solvers import nfe as count_nfe
@@ -67,15 +67,6 @@ def cache_key(source: ModelSource, config: TeacherConfig, dtype: torch.dtype) ->
             "teacher": asdict(config), "dtype": str(dtype)}
 
 
-def _write_atomic(data: bytes | dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(data, dict):
-        torch.save(data, tmp)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def teacher_dir(source: ModelSource, config: TeacherConfig, cache: str | Path,
                 dtype: torch.dtype = torch.float32) -> Path:
     """The cache directory of this (model, teacher); created with its manifest, or checked
@@ -94,7 +85,7 @@ def teacher_dir(source: ModelSource, config: TeacherConfig, cache: str | Path,
                              f"({found.get('name')}, format {found.get('format')}); delete {root} to rebuild it")
     else:
         root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(json.dumps(key, indent=2, sort_keys=True).encode(), manifest)
+        write_atomic(manifest, lambda tmp: tmp.write_text(json.dumps(key, indent=2, sort_keys=True)))
     return root
 
 
@@ -135,7 +126,7 @@ def generate_teacher(source: ModelSource, seeds: range, config: TeacherConfig = 
                                  "recompute that block") from None
         else:
             data = _compute_block(source, timesteps, config, block_seeds, dtype, device)
-            _write_atomic(data, path)
+            write_atomic(path, lambda tmp: torch.save(data, tmp))
         lo, hi = max(seeds.start, block_seeds.start), min(seeds.stop, block_seeds.stop)
         sl = slice(lo - block_seeds.start, hi - block_seeds.start)
         parts.append({k: (v[sl] if v is not None else None) for k, v in data.items()})

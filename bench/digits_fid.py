@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
+from ats.atomic import write_atomic
 from ats.baselines import evaluate_table
 from ats.discretize import KINDS, get_timesteps
 from ats.metrics import digits_metric, frechet_distance, frechet_metric, QuantizedFeatures, to_uint8
@@ -34,10 +34,8 @@ NFES = (3, 5, 7, 10)
 DISCRETIZATIONS = KINDS[:4]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def main() -> None:
@@ -76,10 +74,10 @@ def main() -> None:
                 f"**{vals[k]:.3f}**" if vals[k] == best else f"{vals[k]:.3f}" for k in DISCRETIZATIONS) + " |")
     table = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "digits_fid.json", json.dumps(
+    write_text(RESULTS / "digits_fid.json", json.dumps(
         {"n": args.n, "teacher_fid_uni_pc_200": teacher_fid, "real_vs_real": floor, "rows": rows,
          "seconds": seconds, "torch": torch.__version__}, indent=2) + "\n")
-    write_atomic(RESULTS / "digits_fid.md", "# Fixed discretizations on the digits model\n\n" + table)
+    write_text(RESULTS / "digits_fid.md", "# Fixed discretizations on the digits model\n\n" + table)
     print(table, end="")
     print(f"({seconds:.0f} s)")
 

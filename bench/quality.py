@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from ats.atomic import write_atomic
 from ats.discretize import KINDS, get_timesteps
 from ats.evaluate import result_samples
 from ats.methods import first_n, fit_method
@@ -140,9 +140,7 @@ def write_tables(results: dict, began: float) -> str:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name, text in (("quality.json", json.dumps(results, indent=2) + "\n"),
                        ("quality.md", "# Schedule quality (FID, % vs LD3)\n\n" + table)):
-        tmp = RESULTS / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, RESULTS / name)
+        write_atomic(RESULTS / name, lambda tmp: tmp.write_text(text))
     return table
 
 

@@ -16,7 +16,6 @@ bench/results/solvers.json and bench/results/solvers.md and prints the table.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ats.atomic import write_atomic  # noqa: E402
 from ats.models import model_wrapper  # noqa: E402
 from ats.noise import NoiseScheduleVP  # noqa: E402
 from ats.solvers import sample  # noqa: E402
@@ -140,10 +140,8 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def main() -> None:
@@ -162,8 +160,8 @@ def main() -> None:
              "lower_order_final": False}
     table = to_markdown(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / "solvers.json", json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
-    write_atomic(RESULTS / "solvers.md", "# ats vs diffusers: solver overhead (median wall time per "
+    write_text(RESULTS / "solvers.json", json.dumps({"setup": setup, "results": rows}, indent=2) + "\n")
+    write_text(RESULTS / "solvers.md", "# ats vs diffusers: solver overhead (median wall time per "
                  "sampling run, CPU)\n\n" + f"Setup: {json.dumps(setup)}\n\n" + table)
     print(table, end="")
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..atomic import write_atomic
 
 
 @dataclass
@@ -39,16 +40,6 @@ class FitResult:
         if self.cond_timesteps is not None:
             out["cond_timesteps"] = self.cond_timesteps.tolist()
         return out
-
-
-def write_atomic(path: Path, write) -> Path:
-    """``write(tmp_path)``, then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
 
 
 def save_result(result: FitResult, path: str | Path) -> Path:

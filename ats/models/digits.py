@@ -8,7 +8,6 @@ conditional with a null label dropped in 10 % of the time (classifier-free guida
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..atomic import write_atomic
 from ..noise import NoiseScheduleVP
 from .unet import DigitsUNet
 
@@ -42,11 +42,8 @@ def load_digits_data() -> tuple[Tensor, Tensor]:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save, written atomically."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train_digits_unet(steps: int = 12000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,

@@ -263,5 +263,95 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     console.print(f"saved to {out}")
 
 
+@main.command()
+@click.option("--dataset", default=None, help="Run studies/DATASET.yaml (gmm, digits, cifar10).")
+@click.option("--study", "study_file", type=click.Path(path_type=Path), default=None, help="Any other study YAML.")
+@click.option("--resume", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Finish the study in this folder (written by an earlier `ats search`).")
+@click.option("--solver", "solvers", default=None, callback=lambda c, p, v: v and _choice_list(tuple(SOLVERS))(c, p, v),
+              help="Override the study's solvers (comma-separated).")
+@click.option("--nfe", "nfes", default=None, callback=lambda c, p, v: v and _int_list(c, p, v),
+              help="Override the study's NFEs (comma-separated).")
+@click.option("--methods", default=None, help="Only these of the study's methods (comma-separated).")
+@click.option("--trials", type=click.IntRange(1), default=None, help="Trials per method, solver and NFE.")
+@click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes", "gp", "qmc"]), default=None)
+@click.option("--n-train", type=click.IntRange(1), default=None)
+@click.option("--n-valid", type=click.IntRange(2), default=None)
+@click.option("--n-eval", type=click.IntRange(2), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None, help="Fractions allowed, e.g. 0.5.")
+@click.option("--max-concurrent", type=click.IntRange(1), default=None, help="Trials running at once.")
+@click.option("--max-failures", type=click.IntRange(0), default=None, help="Retries of a crashed trial.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="cifar10: UNet2DModel directory.")
+@click.option("--inception-weights", type=click.Path(path_type=Path), default=None)
+@click.option("--fid-reference", type=click.Path(path_type=Path), default=None)
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI (http://host:5000 for `ats server`); default a local sqlite ./mlflow.db.")
+@click.option("--optuna-storage", default=None,
+              help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal file (*.log); "
+                   "default sqlite in the study folder.")
+@click.option("--address", default=None, help="Ray cluster address (`auto` for the running cluster; or RAY_ADDRESS).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Where study folders go (must be shared storage on a cluster).")
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+@click.option("--no-live", is_flag=True, help="Print a line per finished trial instead of a live table.")
+def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler, n_train, n_valid, n_eval, seed,
+           cpus_per_trial, gpus_per_trial, max_concurrent, max_failures, checkpoint, inception_weights,
+           fid_reference, tracking_uri, optuna_storage, address, out, cache, no_live) -> None:
+    """Search schedules for a study: Ray Tune trials, Optuna hyperparameters, MLflow runs."""
+    import os
+
+    from ats.study import StudyError, load_study, study_path
+    from ats.tracking import TrackingError
+    from ats.trial import check_inputs
+
+    if sum(x is not None for x in (dataset, study_file, resume)) != 1:
+        raise click.UsageError("give one of --dataset NAME, --study FILE or --resume STUDY_DIR")
+    overrides = {k: v for k, v in dict(
+        solvers=solvers and tuple(solvers), nfes=nfes and tuple(nfes), trials=trials, sampler=sampler,
+        n_train=n_train, n_valid=n_valid, n_eval=n_eval, seed=seed, cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures,
+        checkpoint=checkpoint and str(checkpoint), inception_weights=inception_weights and str(inception_weights),
+        fid_reference=fid_reference and str(fid_reference),
+        methods=methods and tuple(m.strip() for m in methods.split(",") if m.strip())).items() if v is not None}
+    try:
+        if resume is not None:
+            if overrides:
+                raise click.UsageError(f"--resume continues the study as it was; drop {', '.join(overrides)}")
+            study = load_study(resume / "study.yaml")
+        else:
+            study = load_study(study_file or study_path(dataset)).with_overrides(**overrides)
+        check_inputs(study)
+    except (StudyError, FileNotFoundError, ValueError, ImportError) as e:
+        raise click.UsageError(str(e))
+    from ats import tune
+    try:
+        folder = resume or tune.new_study_dir(out, study)
+        tune.search(study, folder, tracking_uri, optuna_storage, address or os.environ.get("RAY_ADDRESS"),
+                    resume=resume is not None, cache=cache, live=not no_live)
+    except TrackingError as e:
+        raise click.ClickException(str(e))
+
+
+@main.command()
+@click.option("--backend-store-uri", default="sqlite:///mlflow.db", show_default=True,
+              help="Where runs are stored: sqlite:///file.db or postgresql://user:pass@host/db.")
+@click.option("--artifacts-destination", default="./mlartifacts", show_default=True,
+              help="Artifact root (a folder, or s3://... on a cluster); clients upload through the server.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to serve a Ray cluster's nodes.")
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1))
+def server(backend_store_uri, artifacts_destination, host, port, workers) -> None:
+    """Start an MLflow tracking server (then: ats search --tracking-uri http://HOST:PORT)."""
+    import os
+
+    from ats.tracking import serve
+    args = serve(backend_store_uri, artifacts_destination, host, port, workers)
+    click.echo(f"MLflow tracking server on http://{host}:{port} (backend {backend_store_uri}, "
+               f"artifacts {artifacts_destination})")
+    os.execvp(args[0], args)
+
+
 if __name__ == "__main__":
     main()

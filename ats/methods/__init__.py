@@ -76,7 +76,9 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
         return ld3  # stopped while fitting the starting schedule: that is the best state there is
     base = torch.tensor(ld3.info["theta"])
     if method == "oracle":
-        return fit_oracle(source, train, solver, steps, order, init=base, seed=seed, **options)
+        result = fit_oracle(source, train, solver, steps, order, init=base, seed=seed, **options)
+        result.info["init_theta"] = base.tolist()  # LD3's logits: where a refit on other samples starts
+        return result
     oracle_options = options.pop("oracle", {})
     if options.get("objective") == "regression":
         options["oracle_train"] = fit_oracle(source, train, solver, steps, order, init=base, seed=seed,

@@ -1,0 +1,159 @@
+"""One trial of a study, without Ray: fit a method (or take a baseline), score it by FID on
+the validation seeds (the search objective) and on the held-out evaluation seeds, and write
+its result folder. ``ats.tune`` runs these on Ray workers; ``ats.tracking`` logs the folders.
+
+Result folder: ``result.pt`` (``ats.methods.common.load_result``), ``schedule.json`` (global
+schedules), ``per_sample.npz`` (per-sample schedules with their seeds), ``history.json``
+(loss curves), ``metrics.json``, ``schedule.png`` and, for image models, ``samples.png``
+(the first evaluation seeds).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .atomic import write_atomic
+from .baselines import steps_for_nfe
+from .discretize import KINDS, get_timesteps
+from .evaluate import result_samples
+from .methods import fit_method
+from .methods.common import FitResult, save_result, save_schedule_json
+from .metrics import frechet_distance, l2_loss
+from .models.sources import ModelSource, load_source
+from .solvers import sample
+from .study import Study
+from .teacher import TeacherData, generate_teacher, split_seeds
+
+Progress = Callable[[dict], None]
+GRID_SAMPLES = 64
+
+
+@dataclass
+class Scored:
+    result: FitResult
+    metrics: dict[str, float]   # fid_valid, l2_valid, fid_eval, l2_eval, fit_seconds
+    samples: torch.Tensor       # the first evaluation samples (for the grid)
+
+
+def study_source(study: Study) -> ModelSource:
+    return load_source(study.dataset, **study.source_options())
+
+
+def check_inputs(study: Study) -> ModelSource:
+    """Everything a study reads from disk, checked before anything runs: one error that lists
+    every missing file and where it goes (cifar10: checkpoint, InceptionV3 weights, FID reference)."""
+    problems = []
+    if study.dataset == "cifar10":
+        from .metrics import find_inception_weights
+        from .models.diffusers_unet import check_checkpoint_dir
+        opts = study.source_options()
+        for check in (lambda: check_checkpoint_dir(opts.get("checkpoint")),
+                      lambda: find_inception_weights(opts.get("inception_weights"))):
+            try:
+                check()
+            except (ValueError, FileNotFoundError) as e:
+                problems.append(str(e))
+        if not opts.get("fid_reference"):
+            problems.append("cifar10 FID needs --fid-reference: a .npz with mu/sigma of the real images "
+                            "(or a folder of real images)")
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
+    return study_source(study)
+
+
+def split_data(study: Study, source: ModelSource, split: str, cache: str | Path) -> TeacherData:
+    """Teacher data of a split (cached): what the fits see (train, valid) and the held-out eval."""
+    n = {"train": study.n_train, "valid": study.n_valid, "eval": study.n_eval}[split]
+    return generate_teacher(source, split_seeds(split, n), study.teacher, cache, dtype=source.dtype)
+
+
+def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, options: dict[str, Any],
+        cache: str | Path, progress: Progress | None = None) -> FitResult:
+    """A baseline's schedule (fixed discretizations, dmn, gits) or a method's fit."""
+    if method in KINDS:
+        steps = steps_for_nfe(solver, nfe)
+        ts = get_timesteps(source.noise_schedule, method, steps, dtype=source.dtype)
+        return FitResult(method, solver, study.order, nfe, timesteps=ts)
+    if progress is not None and method not in ("dmn", "gits"):
+        options = {**options, "progress": _progress_adapter(progress)}
+    return fit_method(method, source, solver, nfe, study.order, study.n_train, study.n_valid, study.teacher,
+                      cache, study.seed, options)
+
+
+def _progress_adapter(progress: Progress) -> Callable[..., None]:
+    """The methods call progress(step, train_loss, valid_loss) or progress(round, step, loss)."""
+    def report(*args) -> None:
+        if isinstance(args[0], str):
+            progress({"phase": args[0], "step": int(args[1]), "loss": float(args[2])})
+        else:
+            progress({"phase": "fit", "step": int(args[0]), "loss": float(args[-1])})
+    return report
+
+
+def score(study: Study, source: ModelSource, result: FitResult, method_options: dict[str, Any],
+          split: str, cache: str | Path) -> tuple[dict[str, float], torch.Tensor]:
+    """FID and mean L2 to the teacher on a split's seeds. Per-sample (oracle) schedules belong
+    to their own samples: the oracle is refitted on the split's samples, with the same settings."""
+    data = split_data(study, source, split, cache)
+    if result.per_sample is not None:
+        from .methods.oracle import fit_oracle
+        steps = steps_for_nfe(result.solver, result.nfe)
+        init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
+        options = {k: v for k, v in method_options.items() if k not in ("ld3", "progress")}
+        per_sample = fit_oracle(source, data, result.solver, steps, result.order, init=init, seed=study.seed,
+                                **options).per_sample
+        with torch.no_grad():
+            out = sample(source.model_fn_for(data.labels), source.noise_schedule, data.latents,
+                         per_sample.to(data.latents.dtype), result.solver, order=result.order)
+    else:
+        out = result_samples(source, result, data.latents, data.labels)
+    return {f"fid_{split}": frechet_distance(source.make_metric(), out),
+            f"l2_{split}": l2_loss(out, data.targets).mean().item()}, out[:GRID_SAMPLES]
+
+
+def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[str, Any], out: str | Path,
+              cache: str | Path, progress: Progress | None = None, source: ModelSource | None = None) -> Scored:
+    """Fit, score on the validation and evaluation seeds, write the result folder ``out``."""
+    source = source or study_source(study)
+    start = time.perf_counter()
+    result = fit(study, source, method, solver, nfe, options, cache, progress)
+    seconds = time.perf_counter() - start
+    metrics, _ = score(study, source, result, options, "valid", cache)
+    eval_metrics, samples = score(study, source, result, options, "eval", cache)
+    metrics.update(eval_metrics, fit_seconds=seconds)
+    scored = Scored(result, metrics, samples)
+    write_folder(scored, source, out)
+    return scored
+
+
+def write_folder(scored: Scored, source: ModelSource, out: str | Path) -> Path:
+    """The result folder of a trial or baseline (every file written, then renamed)."""
+    from .plots import plot_schedule_spread, plot_schedules, save_image_grid
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = scored.result
+    save_result(result, out / "result.pt")
+    _json(out / "metrics.json", scored.metrics)
+    _json(out / "history.json", result.history)
+    title = f"{result.method}, {result.solver} NFE {result.nfe}"
+    if result.timesteps is not None:
+        save_schedule_json(result, out / "schedule.json")
+        plot_schedules({result.method: result.timesteps}, source.noise_schedule, out / "schedule.png", title=title)
+    if result.per_sample is not None:
+        seeds = np.asarray(result.seeds) if result.seeds is not None else np.arange(len(result.per_sample))
+        write_atomic(out / "per_sample.npz", lambda tmp: np.savez(tmp, timesteps=result.per_sample.numpy(),
+                                                                    seeds=seeds))
+        plot_schedule_spread(result.per_sample, source.noise_schedule, out / "schedule.png")
+    if len(source.shape) == 3:
+        save_image_grid(scored.samples, out / "samples.png", scale=4 if source.shape[-1] <= 16 else 1)
+    return out
+
+
+def _json(path: Path, data: Any) -> Path:
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))

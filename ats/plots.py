@@ -1,4 +1,4 @@
-"""Pictures people would rather look at than read: sample grids (PNG)."""
+"""Pictures people would rather look at than read: sample grids, schedules and FID curves (PNG)."""
 from __future__ import annotations
 
 import math
@@ -32,3 +32,74 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, s
     from PIL import Image
     grid = image_grid(images, nrow, scale).numpy()
     return write_atomic(path, lambda tmp: Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(tmp))
+
+
+def _save_figure(fig, path: str | Path) -> Path:
+    """Render a matplotlib figure with the Agg canvas (no GUI, no global backend) to a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def _lambdas(timesteps: Tensor, noise_schedule) -> Tensor:
+    t = timesteps.detach().cpu().double()
+    return noise_schedule.marginal_lambda(t).double()
+
+
+def plot_schedules(schedules: dict[str, Tensor], noise_schedule, path: str | Path, title: str | None = None) -> Path:
+    """Each method's global schedule [N+1] as lambda = log(alpha/sigma) against the step index."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for name, ts in schedules.items():
+        lam = _lambdas(ts, noise_schedule)
+        ax.plot(range(len(lam)), lam.numpy(), marker="o", markersize=3, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("lambda = log(alpha / sigma)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save_figure(fig, path)
+
+
+def plot_schedule_spread(per_sample: Tensor, noise_schedule, path: str | Path, reference: Tensor | None = None) -> Path:
+    """Per-sample schedules [B, N+1] in lambda: the median and the 10-90 % band over samples,
+    with an optional global schedule ``reference`` [N+1] on top."""
+    from matplotlib.figure import Figure
+    if per_sample.ndim != 2:
+        raise ValueError(f"expected per-sample schedules [B, N+1], got shape {tuple(per_sample.shape)}")
+    lam = _lambdas(per_sample, noise_schedule)
+    low, mid, high = torch.quantile(lam, torch.tensor([0.1, 0.5, 0.9], dtype=lam.dtype), dim=0).numpy()
+    steps = range(lam.shape[1])
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.fill_between(steps, low, high, alpha=0.3, label="10-90 % of samples")
+    ax.plot(steps, mid, marker="o", markersize=3, label=f"median of {lam.shape[0]} samples")
+    if reference is not None:
+        ax.plot(steps, _lambdas(reference, noise_schedule).numpy(), "k--", marker="x", markersize=4, label="global")
+    ax.set_xlabel("step")
+    ax.set_ylabel("lambda = log(alpha / sigma)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save_figure(fig, path)
+
+
+def plot_fid_vs_nfe(rows: dict[str, dict[int, float]], path: str | Path) -> Path:
+    """FID against NFE, one line per method, log-scale FID."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    nfes: set[int] = set()
+    for name, by_nfe in rows.items():
+        xs = sorted(by_nfe)
+        nfes.update(xs)
+        ax.plot(xs, [by_nfe[n] for n in xs], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(nfes))
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("FID")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    return _save_figure(fig, path)

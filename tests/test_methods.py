@@ -101,3 +101,31 @@ def test_bad_method_input(setup):
         fit_ld3(source, train, valid, "ddim", 3, loss="l7")
     with pytest.raises(ValueError, match="unknown optimizer"):
         fit_ld3(source, train, valid, "ddim", 3, optimizer="sgd")
+
+
+def test_auto_width_follows_the_input_and_saved_predictors_reload(setup, tmp_path):
+    from ats.methods.common import save_result
+    from ats.methods.predictors import OneShotPredictor, auto_width, load_predictor
+    assert auto_width((1, 8, 8)) == 16 and auto_width((3, 32, 32)) == 64 and auto_width((4, 64, 64)) == 64
+    assert auto_width((16,)) == 16 and auto_width((2,)) == 16 and auto_width((128,)) == 64
+    assert OneShotPredictor((1, 8, 8), 5, torch.zeros(6)).config["width"] == 16
+    assert OneShotPredictor((1, 8, 8), 5, torch.zeros(6), width=64).config["width"] == 64
+    with pytest.raises(ValueError, match="multiple of 8"):
+        OneShotPredictor((1, 8, 8), 5, torch.zeros(6), width=12)
+    source, train, valid = setup
+    for kind in ("oneshot", "delta"):
+        res = fit_predictor(kind, source, train, valid, "dpm_solver++", 4, epochs=1, batch_size=16)
+        assert res.predictor.config["width"] == auto_width(source.shape)
+        saved = torch.load(save_result(res, tmp_path / f"{kind}.pt"), weights_only=False)["predictor"]
+        net = load_predictor(saved)
+        assert net.config == res.predictor.config
+        a, ta = PredictorSampler(res.predictor, source, "dpm_solver++", None)(valid.latents)
+        b, tb = PredictorSampler(net, source, "dpm_solver++", None)(valid.latents)
+        torch.testing.assert_close(b, a)
+        torch.testing.assert_close(tb, ta)
+    image = OneShotPredictor((1, 8, 8), 5, torch.randn(6)).eval()
+    saved = {"class": "OneShotPredictor", "config": image.config, "state_dict": image.state_dict()}
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(load_predictor(saved)(x), image(x))
+    with pytest.raises(ValueError, match="unknown predictor class"):
+        load_predictor({"class": "Tree", "config": {}, "state_dict": {}})

@@ -29,9 +29,29 @@ from ..teacher import TeacherData
 from .common import FitDiverged, FitResult, check_finite
 
 
-def encoder(shape: tuple[int, ...], width: int = 64) -> tuple[nn.Module, int]:
+def auto_width(shape: tuple[int, ...]) -> int:
+    """The encoder width that fits an input of ``shape`` when none is given.
+
+    Images (c, h, w): the published width 64 (channels 64/128/256) is for 32x32 inputs; the
+    width follows the image side, 2 * sqrt(h * w) rounded to a multiple of 8, between 8 (or
+    the input channels rounded up to 8, if more) and 64: 16 on 8x8 digits, 64 from 32x32 up.
+    Vectors of d values: d rounded up to a multiple of 8, between 16 and 64 (the MLP's hidden
+    size is 4 * width: 64 for 16-D data, 256 from 64-D up)."""
+    if len(shape) == 3:
+        c, h, w = shape
+        low = max(8, 8 * math.ceil(c / 8))
+        return max(low, min(64, 8 * round(2 * math.sqrt(h * w) / 8)))
+    return max(16, min(64, 8 * math.ceil(math.prod(shape) / 8)))
+
+
+def encoder(shape: tuple[int, ...], width: int | None = None) -> tuple[nn.Module, int]:
     """Images: residual-free conv stack c -> w -> 2w -> 4w with GroupNorm and global pooling;
-    vectors: an MLP. Returns the module and its feature size."""
+    vectors: an MLP with hidden size 4w. ``width`` None picks ``auto_width(shape)``; image
+    widths must be multiples of 8 (GroupNorm with 8 groups). Returns the module and its
+    feature size."""
+    width = auto_width(shape) if width is None else int(width)
+    if width < 1 or (len(shape) == 3 and width % 8):
+        raise ValueError(f"encoder width must be >= 1 (a multiple of 8 for images), got {width}")
     if len(shape) == 3:
         c = shape[0]
         layers, chans = [], [c, width, 2 * width, 4 * width]
@@ -44,9 +64,13 @@ def encoder(shape: tuple[int, ...], width: int = 64) -> tuple[nn.Module, int]:
 
 
 class OneShotPredictor(nn.Module):
+    """x_T (and a label) -> logits theta [N+1]. ``width`` None: ``auto_width(shape)``; the
+    width used is in ``config`` (with ``base`` in the state dict, enough to rebuild it)."""
+
     def __init__(self, shape: tuple[int, ...], steps: int, base: Tensor, num_classes: int = 0,
-                 width: int = 64, dropout: float = 0.) -> None:
+                 width: int | None = None, dropout: float = 0.) -> None:
         super().__init__()
+        width = auto_width(tuple(shape)) if width is None else int(width)
         self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
                        "dropout": dropout}
         self.encode, feat = encoder(tuple(shape), width)
@@ -64,9 +88,13 @@ class OneShotPredictor(nn.Module):
 
 
 class DeltaPredictor(nn.Module):
-    def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int = 64,
+    """(x_{t_k}, t_k, k) -> the fraction of the remaining lambda distance to step. ``width``
+    None: ``auto_width(shape)``; the width used is in ``config``."""
+
+    def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int | None = None,
                  dropout: float = 0.) -> None:
         super().__init__()
+        width = auto_width(tuple(shape)) if width is None else int(width)
         self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
                        "dropout": dropout}
         self.steps = steps
@@ -84,6 +112,22 @@ class DeltaPredictor(nn.Module):
         extra = torch.stack([torch.log(sigma / alpha).float(), torch.full_like(sigma, k / self.steps).float()], 1)
         logit = self.head(torch.cat([h, extra], 1)).squeeze(1) - math.log(self.steps - k - 1)
         return torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4).to(x.dtype)
+
+
+def load_predictor(saved: dict) -> nn.Module:
+    """Rebuild a predictor from what ``save_result`` stores for it (``{"class", "config",
+    "state_dict"}``)."""
+    classes = {"OneShotPredictor": OneShotPredictor, "DeltaPredictor": DeltaPredictor}
+    if saved.get("class") not in classes:
+        raise ValueError(f"unknown predictor class {saved.get('class')!r}; expected one of {', '.join(classes)}")
+    cfg = dict(saved["config"])
+    shape, steps = tuple(cfg.pop("shape")), cfg.pop("steps")
+    if saved["class"] == "OneShotPredictor":
+        net = OneShotPredictor(shape, steps, saved["state_dict"]["base"], **cfg)
+    else:
+        net = DeltaPredictor(shape, steps, **cfg)
+    net.load_state_dict(saved["state_dict"])
+    return net.eval()
 
 
 def delta_sample(predictor: DeltaPredictor, model_fn, noise_schedule, x: Tensor, solver: str,
@@ -161,13 +205,14 @@ def _regression_loss(sampler: PredictorSampler, x_T: Tensor, labels, target_ts: 
 def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: TeacherData, solver: str, steps: int,
                   order: int | None = None, objective: str = "end_to_end", oracle_train: Tensor | None = None,
                   oracle_valid: Tensor | None = None, base: Tensor | None = None, space: str = "lambda",
-                  loss: str = "l2", width: int = 64, dropout: float = 0., epochs: int = 100, batch_size: int = 64,
-                  lr: float = 1e-3, patience: int = 10, seed: int = 0,
+                  loss: str = "l2", width: int | None = None, dropout: float = 0., epochs: int = 100,
+                  batch_size: int = 64, lr: float = 1e-3, patience: int = 10, seed: int = 0,
                   progress: Callable[[int, float, float], None] | None = None) -> FitResult:
     """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits oracle
     schedules (``oracle_train``/``oracle_valid``, [B, N+1] times for the data's samples);
     ``end_to_end`` minimises the teacher loss through the solver. Early stopping on the
-    validation teacher loss (the quantity that matters); the best checkpoint is returned."""
+    validation teacher loss (the quantity that matters); the best checkpoint is returned.
+    ``width`` None sizes the encoder from the input (``auto_width``)."""
     if kind not in ("oneshot", "delta"):
         raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
     if objective not in ("regression", "end_to_end"):

@@ -7,16 +7,16 @@ SQLite database, ``./mlflow.db``, as in MLflow 3; no server is needed for it.
 """
 from __future__ import annotations
 
+import http.client
 import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Metric, Param, RunTag
@@ -62,12 +62,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                 body = response.read(16).decode(errors="replace").strip()
             if body != "OK":
                 raise OSError(f"/health answered {body!r}, not 'OK'")
-        except (OSError, urllib.error.URLError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", None) or e
             raise TrackingError(f"MLflow tracking server at {uri} is not reachable ({reason}); start one with "
                                 "`ats server` or leave out --tracking-uri to use a local sqlite database") from e
     elif scheme == "sqlite":
-        folder = Path(unquote(uri[len("sqlite:///"):])).parent
+        folder = Path(unquote(uri[len("sqlite:///"):].split("?")[0])).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -52,6 +52,15 @@ def save_result(result: FitResult, path: str | Path) -> Path:
     return write_atomic(Path(path), lambda tmp: torch.save(state, tmp))
 
 
+def load_result(path: str | Path) -> FitResult:
+    """The inverse of ``save_result``: every tensor, and the predictor rebuilt from its class
+    name, config and state dict (on the CPU, in eval mode)."""
+    from .predictors import load_predictor
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    saved = state.pop("predictor", None)
+    return FitResult(**state, predictor=None if saved is None else load_predictor(saved))
+
+
 def save_schedule_json(result: FitResult, path: str | Path) -> Path:
     return write_atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result.to_json(), indent=2) + "\n"))
 

@@ -248,8 +248,11 @@ def _fail(origin: str, path: str, message: str) -> NoReturn:
 
 
 def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A close match (difflib), else the one choice that contains ``word``."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    if not close:
+        close = [c for c in choices if len(str(word)) >= 3 and str(word).lower() in c.lower()]
+    return f" (did you mean {close[0]!r}?)" if len(close) == 1 else ""
 
 
 def _join(path: str, key: str) -> str:

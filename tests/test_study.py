@@ -1,0 +1,315 @@
+"""The study specification: shipped studies, round trips, validation messages, overrides."""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ats.models.sources import DATASETS, load_source
+from ats.study import (Param, Study, StudyError, load_study, study_from_dict, study_path, write_study)
+from ats.teacher import TeacherConfig
+
+
+def base() -> dict:
+    """A small valid study document (the YAML layout)."""
+    return {
+        "name": "t", "dataset": "gmm", "model": {"preset": "2d"}, "solvers": ["dpm_solver++", "uni_pc"],
+        "nfes": [5, 7], "data": {"n_train": 8, "n_valid": 8, "n_eval": 16},
+        "baselines": ["edm", "dmn"],
+        "methods": {
+            "ld3": {"options": {"epochs": 2}, "space": {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}},
+            "oneshot": {"options": {"epochs": 1, "ld3": {"epochs": 1}},
+                        "space": {"width": {"type": "int", "low": 8, "high": 32, "log": True},
+                                  "ld3.lr": {"type": "uniform", "low": 0.001, "high": 0.01},
+                                  "loss": {"type": "choice", "values": ["l2", "pseudo_huber"]}}},
+        },
+        "trials": 2,
+    }
+
+
+def edited(path: str, value) -> dict:
+    """``base()`` with the field at a dotted path set to ``value`` (``...`` deletes it)."""
+    doc = base()
+    *parents, leaf = path.split("/")
+    target = doc
+    for part in parents:
+        target = target[part]
+    if value is ...:
+        del target[leaf]
+    else:
+        target[leaf] = value
+    return doc
+
+
+def error(doc: dict) -> str:
+    with pytest.raises(StudyError) as e:
+        study_from_dict(doc, origin="my.yaml")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("my.yaml: ")
+    return message
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_shipped_studies_load(dataset):
+    study = load_study(study_path(dataset))
+    assert study.dataset == dataset and study.cells() and study.trials >= 1
+    assert study_from_dict(study.to_dict()) == study
+
+
+def test_shipped_gmm_and_digits_build_their_sources():
+    for dataset in ("gmm", "digits"):
+        study = load_study(study_path(dataset))
+        assert load_source(study.dataset, **study.source_options()).shape
+
+
+def test_study_path_names_the_file_and_the_flag():
+    with pytest.raises(StudyError, match=r"imagenet\.yaml.*--study"):
+        study_path("imagenet")
+
+
+def test_defaults_are_resolved():
+    doc = base()
+    for key in ("model", "data", "baselines", "trials", "name"):
+        del doc[key]
+    study = study_from_dict(doc)
+    assert study.name == "gmm" and study.model == {"preset": "16d"}
+    assert study.teacher == TeacherConfig() and study.baselines[-2:] == ("dmn", "gits")
+    assert (study.n_train, study.n_valid, study.n_eval) == (50, 50, 500)
+    assert (study.sampler, study.seed, study.max_failures, study.max_concurrent) == ("tpe", 0, 0, 1)
+
+
+def test_round_trip_through_a_file(tmp_path):
+    study = study_from_dict(base())
+    path = write_study(study, tmp_path / "sub" / "study.yaml")
+    assert path.exists() and not list(path.parent.glob(".*tmp*"))
+    assert load_study(path) == study
+    assert yaml.safe_load(path.read_text()) == study.to_dict()
+    assert study_from_dict(study.to_dict()) == study
+
+
+def test_parsed_values():
+    study = study_from_dict(base())
+    ld3, oneshot = study.methods
+    assert ld3.space == (Param("lr", "loguniform", 1e-3, 1e-1),)
+    assert oneshot.space[0] == Param("width", "int", 8, 32, log=True)
+    assert oneshot.space[2] == Param("loss", "choice", values=("l2", "pseudo_huber"))
+    assert study.source_options() == {"dim": 2, "components": 8}
+
+
+def test_yaml_exponent_without_dot(tmp_path):
+    """PyYAML reads ``1e-3`` as a string; numeric fields accept it."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(base()).replace("0.001", "1e-3"))
+    assert "1e-3" in path.read_text()
+    assert load_study(path).methods[0].space[0].low == 1e-3
+
+
+def test_cells_order():
+    study = study_from_dict(base())
+    assert study.cells() == [("ld3", "dpm_solver++", 5), ("ld3", "dpm_solver++", 7), ("ld3", "uni_pc", 5),
+                             ("ld3", "uni_pc", 7), ("oneshot", "dpm_solver++", 5), ("oneshot", "dpm_solver++", 7),
+                             ("oneshot", "uni_pc", 5), ("oneshot", "uni_pc", 7)]
+    assert study.baseline_cells()[:3] == [("edm", "dpm_solver++", 5), ("edm", "dpm_solver++", 7),
+                                          ("edm", "uni_pc", 5)]
+    assert len(study.baseline_cells()) == 8
+
+
+def test_method_options_deep_merge():
+    study = study_from_dict(base())
+    merged = study.method_options("oneshot", {"width": 16.0, "ld3.lr": 0.005, "loss": "l2"})
+    assert merged == {"epochs": 1, "width": 16, "loss": "l2", "ld3": {"epochs": 1, "lr": 0.005}}
+    assert isinstance(merged["width"], int)
+    assert study.methods[1].options == {"epochs": 1, "ld3": {"epochs": 1}}   # not mutated
+    assert study.method_options("ld3", {}) == {"epochs": 2}
+    with pytest.raises(StudyError, match="no parameter 'dropout'"):
+        study.method_options("ld3", {"dropout": 0.1})
+    with pytest.raises(StudyError, match="no method 'delta'"):
+        study.method_options("delta", {})
+
+
+def test_nested_option_created_by_a_dotted_parameter():
+    doc = base()
+    doc["methods"]["oneshot"] = {"space": {"oracle.restarts": {"type": "int", "low": 0, "high": 3}}}
+    study = study_from_dict(doc)
+    assert study.method_options("oneshot", {"oracle.restarts": 2}) == {"oracle": {"restarts": 2}}
+
+
+def test_overrides():
+    study = study_from_dict(base())
+    new = study.with_overrides(solvers=["uni_pc"], nfes=(3,), trials=5, methods=["oneshot"], n_train=4,
+                               n_eval=32, cpus_per_trial=0.5, gpus_per_trial=0.25, max_concurrent=3,
+                               sampler="random", seed=7, max_failures=2, preset="16d", n_valid=None)
+    assert new.cells() == [("oneshot", "uni_pc", 3)]
+    assert (new.trials, new.n_train, new.n_valid, new.n_eval) == (5, 4, 8, 32)
+    assert (new.cpus_per_trial, new.gpus_per_trial, new.max_concurrent) == (0.5, 0.25, 3)
+    assert (new.sampler, new.seed, new.max_failures, new.model) == ("random", 7, 2, {"preset": "16d"})
+    assert study.trials == 2                       # the original is unchanged
+
+
+def test_overrides_are_validated():
+    study = study_from_dict(base())
+    with pytest.raises(StudyError, match=r"overrides.*trials: must be >= 1"):
+        study.with_overrides(trials=0)
+    with pytest.raises(StudyError, match=r"tirals: cannot be overridden \(did you mean 'trials'\?\)"):
+        study.with_overrides(tirals=3)
+    with pytest.raises(StudyError, match=r"methods: 'delta' is not a method of study t; choose from ld3, oneshot"):
+        study.with_overrides(methods=["delta"])
+    with pytest.raises(StudyError, match=r"model\.checkpoint: is an option of dataset cifar10, not gmm"):
+        study.with_overrides(checkpoint=Path("ckpt"))
+
+
+def test_cifar10_model_paths():
+    doc = edited("dataset", "cifar10")
+    doc["model"] = {}
+    study = study_from_dict(doc)                   # no checkpoint yet: checked later, by the CLI
+    assert study.source_options() == {"checkpoint": None, "inception_weights": None, "fid_reference": None}
+    new = study.with_overrides(checkpoint=Path("ckpt"), fid_reference="ref.npz")
+    assert new.source_options()["checkpoint"] == "ckpt" and new.model["fid_reference"] == "ref.npz"
+    assert study_from_dict(new.to_dict()) == new
+
+
+def test_digits_guidance():
+    doc = edited("dataset", "digits")
+    doc["model"] = {"guidance_scale": 2}
+    assert study_from_dict(doc).source_options() == {"conditional": True, "guidance_scale": 2.0}
+    doc["model"] = {}
+    assert study_from_dict(doc).source_options() == {}
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    # unknown keys, with a suggestion and the allowed ones
+    ("nfe", [5], r"my\.yaml: nfe: unknown key \(did you mean 'nfes'\?\); allowed: name, dataset"),
+    ("data/n_trian", 3, r"data\.n_trian: unknown key \(did you mean 'n_train'\?\); allowed: n_train, n_valid, n_eval"),
+    ("methods/ld3/opts", {}, r"methods\.ld3\.opts: unknown key \(did you mean 'options'\?\); allowed: options, space"),
+    ("resources", {"gpus": 1}, r"resources\.gpus: unknown key \(did you mean 'gpus_per_trial'\?\)"),
+    ("teacher", {"steps": 20}, r"teacher\.steps: unknown key; allowed: solver, nfe, discretization, order"),
+    # wrong types
+    ("trials", "many", r"trials: must be an integer >= 1, got 'many'"),
+    ("solvers", "uni_pc", r"solvers: must be a non-empty list of names from ddim, euler"),
+    ("methods", [], r"methods: must be a non-empty mapping of methods \(ld3, timetuner, oracle, oneshot, delta\)"),
+    ("methods/ld3/options/epochs", 2.5, r"methods\.ld3\.options\.epochs: must be an integer, got 2\.5"),
+    ("methods/ld3/options/learn_xi", "yes", r"learn_xi: must be true or false"),
+    ("methods/ld3/options/lr", "fast", r"methods\.ld3\.options\.lr: must be a number, got 'fast'"),
+    # names and values outside their lists
+    ("dataset", "mnist", r"dataset: unknown value 'mnist'; choose one of gmm, digits, cifar10"),
+    ("solvers", ["uni_pc", "dpm_solver"], r"solvers\[1\]: unknown value 'dpm_solver' \(did you mean 'dpm_solver\+\+'\?\)"),
+    ("solvers", ["uni_pc", "uni_pc"], r"solvers: lists a name twice"),
+    ("baselines", ["edm", "karras"], r"baselines\[1\]: unknown value 'karras'; choose one of time_uniform, logSNR, "
+                                     r"time_quadratic, edm, dmn, gits"),
+    ("sampler", "grid", r"sampler: unknown value 'grid'; choose one of tpe, random, cmaes, gp, qmc"),
+    ("teacher", {"solver": "heun", "nfe": 20}, r"teacher\.nfe: solver heun cannot spend exactly 20 network calls; use 21"),
+    ("teacher", {"discretization": "karras"}, r"teacher\.discretization: unknown value 'karras'"),
+    ("order", 4, r"order: solver 'dpm_solver\+\+' supports order 1, 2, 3, got 4"),
+    ("methods/ld3/options/loss", "huber", r"options\.loss: unknown value 'huber' \(did you mean 'pseudo_huber'\?\); "
+                                          r"choose one of l2, pseudo_huber, lpips"),
+    # NFEs a solver cannot spend
+    ("nfes", [0], r"nfes\[0\]: must be >= 1, got 0"),
+    # methods
+    ("methods/dmn", {}, r"methods\.dmn: dmn has nothing to search; list it under baselines"),
+    ("methods/ld4", {}, r"methods\.ld4: unknown method \(did you mean 'ld3'\?\); choose from ld3, timetuner, oracle, "
+                        r"oneshot, delta"),
+    ("methods/ld3/options/seed", 1, r"methods\.ld3\.options\.seed: unknown key; allowed: space, loss, epochs"),
+    ("methods/ld3/options/ld3", {}, r"methods\.ld3\.options\.ld3: unknown key"),
+    ("methods/oneshot/options/ld3", {"width": 3}, r"methods\.oneshot\.options\.ld3\.width: unknown key; allowed: "
+                                                  r"space, loss, epochs"),
+    ("methods/oneshot/options/oracle", {"restart": 1},
+     r"oneshot\.options\.oracle\.restart: unknown key \(did you mean 'restarts'\?\)"),
+    # search spaces
+    ("methods/ld3/space/lr", {"type": "normal", "low": 0, "high": 1},
+     r"methods\.ld3\.space\.lr\.type: unknown value 'normal'.*; choose one of uniform, loguniform, int, choice"),
+    ("methods/ld3/space/lr", {"type": "uniform", "low": 0.1, "high": 0.1},
+     r"methods\.ld3\.space\.lr\.low: must be below high \(0\.1\), got 0\.1"),
+    ("methods/ld3/space/lr", {"type": "loguniform", "low": 0, "high": 0.1},
+     r"methods\.ld3\.space\.lr\.low: must be > 0 for a loguniform parameter, got 0"),
+    ("methods/ld3/space/lr", {"type": "uniform", "low": 0.1}, r"methods\.ld3\.space\.lr\.high: is required for type uniform"),
+    ("methods/ld3/space/lr", {"type": "uniform", "low": 0.1, "high": 1, "values": [1]},
+     r"methods\.ld3\.space\.lr\.values: unknown key; allowed: type, low, high"),
+    ("methods/ld3/space/loss", {"type": "choice", "values": []}, r"methods\.ld3\.space\.loss\.values: must be a non-empty list"),
+    ("methods/ld3/space/loss", {"type": "choice", "values": ["l2", "l1"]},
+     r"methods\.ld3\.space\.loss\.values\[1\]: unknown value 'l1'; choose one of l2, pseudo_huber, lpips"),
+    ("methods/ld3/space/epochs", {"type": "uniform", "low": 1, "high": 9},
+     r"methods\.ld3\.space\.epochs\.type: epochs takes int, not a float; use type int"),
+    ("methods/ld3/space/epochs", {"type": "int", "low": 1.5, "high": 9}, r"methods\.ld3\.space\.epochs\.low: must be an integer"),
+    ("methods/ld3/space/epochs", {"type": "int", "low": 0, "high": 9, "log": True},
+     r"methods\.ld3\.space\.epochs\.low: must be >= 1 for a log-scaled int parameter"),
+    ("methods/ld3/space/lrr", {"type": "uniform", "low": 0, "high": 1},
+     r"methods\.ld3\.space\.lrr: 'lrr' is not an option of ld3 \(did you mean 'lr'\?\); options: space, loss"),
+    ("methods/ld3/space/ld3.lr", {"type": "uniform", "low": 0, "high": 1},
+     r"methods\.ld3\.space\.ld3\.lr: unknown parameter; ld3 has no nested options"),
+    ("methods/oneshot/space/oracle.step", {"type": "uniform", "low": 0, "high": 1},
+     r"oneshot\.space\.oracle\.step: 'step' is not an option of oracle; options: space, loss, iterations"),
+    ("methods/oneshot/space/epochs", {"type": "int", "low": 1, "high": 3},
+     r"methods\.oneshot\.space\.epochs: is also fixed under methods\.oneshot\.options; set it in one place"),
+    ("methods/oneshot/space/ld3.epochs", {"type": "int", "low": 1, "high": 3}, r"space\.ld3\.epochs: is also fixed"),
+    ("methods/ld3/space/lr", 0.01, r"methods\.ld3\.space\.lr: must be a mapping with a type"),
+    # resources and counts
+    ("resources", {"cpus_per_trial": 0}, r"resources\.cpus_per_trial: must be > 0, got 0"),
+    ("resources", {"gpus_per_trial": -0.5}, r"resources\.gpus_per_trial: must be >= 0, got -0\.5"),
+    ("resources", {"max_concurrent": 0}, r"resources\.max_concurrent: must be >= 1, got 0"),
+    ("trials", 0, r"trials: must be >= 1, got 0"),
+    ("max_failures", -1, r"max_failures: must be >= 0, got -1"),
+    ("data/n_eval", 0, r"data\.n_eval: must be >= 1, got 0"),
+    # model fields of another dataset
+    ("model", {"guidance_scale": 2.0}, r"model\.guidance_scale: is an option of dataset digits, not gmm; gmm takes: preset"),
+    ("model", {"preset": "8d"}, r"model\.preset: unknown value '8d'; choose one of 2d, 16d, 64d"),
+    ("name", "my study", r"name: must be a word"),
+    ("dataset", ..., r"dataset: is required; choose one of gmm, digits, cifar10"),
+])
+def test_validation_errors(path, value, expected):
+    message = error(edited(path, value))
+    assert re.search(expected, message), message
+
+
+def test_errors_that_depend_on_other_fields():
+    doc = edited("solvers", ["heun", "uni_pc"])
+    doc["nfes"], doc["baselines"] = [5, 6], []
+    assert "my.yaml: nfes[1]: solver heun cannot spend exactly 6 network calls; it can spend 5 or 7" in error(doc)
+    doc = edited("solvers", ["ipndm"])
+    assert "baselines: dmn supports solvers dpm_solver++, uni_pc, ddim, not ipndm" in error(doc)
+    doc = edited("dataset", "digits")
+    doc["model"] = {"preset": "16d"}
+    assert "model.preset: is an option of dataset gmm, not digits; digits takes: guidance_scale" in error(doc)
+    doc = edited("dataset", "cifar10")
+    doc["model"] = {}
+    doc["methods"]["timetuner"] = {}
+    assert "methods.timetuner: timetuner trains on real data" in error(doc)
+    doc = edited("nfes", [1, 5])
+    doc["methods"]["delta"] = {}
+    assert "methods.delta: the delta predictor needs at least 2 steps" in error(doc)
+    doc = edited("methods/ld3/options/ratio_range", [0.5, 2.0])
+    assert "methods.ld3.options.ratio_range: unknown key" in error(doc)
+
+
+def test_timetuner_options():
+    doc = base()
+    doc["methods"] = {"timetuner": {"options": {"ratio_range": ["0.5", 2], "n_data": 64, "pool_size": None},
+                                    "space": {"discretization": {"type": "choice", "values": ["edm", "logSNR"]}}}}
+    study = study_from_dict(doc)
+    assert study.methods[0].options == {"ratio_range": [0.5, 2.0], "n_data": 64, "pool_size": None}
+    doc["methods"]["timetuner"]["space"] = {"ratio_range": {"type": "choice", "values": [1, 2]}}
+    assert "ratio_range is a pair and cannot be searched" in error(doc)
+    doc["methods"]["timetuner"]["space"] = {"variant": {"type": "choice", "values": ["bh1", "bh2"]}}
+    assert "'variant' is not an option of timetuner" in error(copy.deepcopy(doc))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(StudyError, match=r"missing\.yaml: cannot read the study file.*--study"):
+        load_study(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(StudyError, match=r"bad\.yaml: not valid YAML") as e:
+        load_study(bad)
+    assert "\n" not in str(e.value)
+    bad.write_text("- a list\n")
+    with pytest.raises(StudyError, match=r"bad\.yaml: <top level>: must be a mapping"):
+        load_study(bad)
+
+
+def test_study_is_frozen():
+    study = study_from_dict(base())
+    assert isinstance(study, Study)
+    with pytest.raises(AttributeError):
+        study.trials = 3

@@ -518,7 +518,8 @@ class _Reader:
         res = {**RESOURCE_DEFAULTS, **self.mapping(d.get("resources"), "resources", tuple(RESOURCE_DEFAULTS))}
         return Study(
             name, dataset, self.model(d.get("model"), dataset), solvers, nfes, order, self.teacher(d.get("teacher")),
-            *(self.integer(sizes[k], f"data.{k}", 1) for k in DATA_DEFAULTS), baselines, specs,
+            *(self.integer(sizes[k], f"data.{k}", 1 if k == "n_train" else 2)
+              for k in DATA_DEFAULTS), baselines, specs,
             self.integer(d.get("trials", 10), "trials", 1), self.choice(d.get("sampler", "tpe"), "sampler", SAMPLERS),
             self.integer(d.get("seed", 0), "seed", 0),
             self.number(res["cpus_per_trial"], "resources.cpus_per_trial", 0, strict=True),

@@ -251,7 +251,8 @@ def test_digits_guidance():
     ("resources", {"max_concurrent": 0}, r"resources\.max_concurrent: must be >= 1, got 0"),
     ("trials", 0, r"trials: must be >= 1, got 0"),
     ("max_failures", -1, r"max_failures: must be >= 0, got -1"),
-    ("data/n_eval", 0, r"data\.n_eval: must be >= 1, got 0"),
+    ("data/n_eval", 1, r"data\.n_eval: must be >= 2, got 1"),
+    ("data/n_train", 0, r"data\.n_train: must be >= 1, got 0"),
     # model fields of another dataset
     ("model", {"guidance_scale": 2.0}, r"model\.guidance_scale: is an option of dataset digits, not gmm; gmm takes: preset"),
     ("model", {"preset": "8d"}, r"model\.preset: unknown value '8d'; choose one of 2d, 16d, 64d"),

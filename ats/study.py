@@ -52,7 +52,8 @@ OPTION_VALUES: dict[str, tuple[str, ...]] = {
     "objective": ("end_to_end", "regression"), "strategy": STRATEGIES, "explore_sampler": ("tpe", "cmaes"),
     "discretization": KINDS,
 }
-# Fit-function keywords that the study or the caller sets, never a method's options.
+# Fit-function keywords that are no method options: set by the study (seed, order, solver), by the
+# caller (progress), or fixed by how schedules are sampled (lower_order_final, variant).
 _RESERVED = {"seed", "order", "solver", "progress", "lower_order_final", "variant"}
 _FIT_FUNCTIONS: dict[str, Callable[..., Any]] = {"ld3": fit_ld3, "timetuner": fit_timetuner,
                                                   "oracle": fit_oracle, "oneshot": fit_predictor,
@@ -165,7 +166,7 @@ class Study:
             if value is None:
                 continue
             if key == "methods":
-                data["methods"] = self._method_subset(value)
+                data["methods"] = self._method_subset(value, data["methods"])
             elif key in groups:
                 data[groups[key]][key] = str(value) if isinstance(value, Path) else value
             elif key in top:
@@ -173,25 +174,26 @@ class Study:
             else:
                 _fail("overrides", key, f"cannot be overridden{_did_you_mean(key, sorted(top | set(groups)))}; "
                                         f"allowed: {', '.join(sorted(top | set(groups) | {'methods'}))}")
-        return study_from_dict(data, origin=f"study {self.name} with overrides")
+        return study_from_dict(data, origin="overrides")
 
-    def _method_subset(self, names: Any) -> dict[str, Any]:
-        """The study's methods restricted to ``names`` (a list), in the study's order."""
+    def _method_subset(self, names: Any, methods: dict[str, Any]) -> dict[str, Any]:
+        """``methods`` (the study's, as in ``to_dict``) restricted to ``names``, in the study's order."""
         have = [m.name for m in self.methods]
         if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
             _fail("overrides", "methods", f"must be a non-empty list of method names from {', '.join(have)}")
         for name in names:
             if name not in have:
-                _fail("overrides", "methods", f"{name!r} is not a method of study {self.name}{_did_you_mean(name, have)}; "
-                                              f"choose from {', '.join(have)}")
-        return {k: v for k, v in self.to_dict()["methods"].items() if k in names}
+                _fail("overrides", "methods", f"{name!r} is not a method of study {self.name}"
+                                              f"{_did_you_mean(name, have)}; choose from {', '.join(have)}")
+        return {k: v for k, v in methods.items() if k in names}
 
     def method(self, name: str) -> MethodSpec:
         """The study's spec of method ``name``."""
         for m in self.methods:
             if m.name == name:
                 return m
-        _fail(f"study {self.name}", "methods", f"has no method {name!r}; it has {', '.join(m.name for m in self.methods)}")
+        _fail(f"study {self.name}", "methods",
+              f"has no method {name!r}; it has {', '.join(m.name for m in self.methods)}")
 
     def method_options(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """The method's fixed options deep-merged with sampled ``params`` (dotted names become
@@ -312,12 +314,14 @@ class _Reader:
 
     def choice(self, value: Any, path: str, allowed: tuple[str, ...] | list[str]) -> str:
         if value not in allowed or not isinstance(value, str):
-            self.fail(path, f"unknown value {value!r}{_did_you_mean(value, allowed)}; choose one of {', '.join(allowed)}")
+            self.fail(path, f"unknown value {value!r}{_did_you_mean(value, allowed)}; "
+                            f"choose one of {', '.join(allowed)}")
         return value
 
     def names(self, value: Any, path: str, allowed: tuple[str, ...], empty: bool = False) -> tuple[str, ...]:
         if not isinstance(value, list) or (not value and not empty):
-            self.fail(path, f"must be a {'' if empty else 'non-empty '}list of names from {', '.join(allowed)}, got {value!r}")
+            self.fail(path, f"must be a {'' if empty else 'non-empty '}list of names from {', '.join(allowed)}, "
+                            f"got {value!r}")
         out = tuple(self.choice(v, f"{path}[{i}]", allowed) for i, v in enumerate(value))
         if len(set(out)) != len(out):
             self.fail(path, f"lists a name twice: {value!r}")

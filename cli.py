@@ -328,7 +328,7 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
     from ats import tune
     try:
         folder = resume or tune.new_study_dir(out, study)
-        tune.search(study, folder, tracking_uri, optuna_storage, address or os.environ.get("RAY_ADDRESS"),
+        tune.search(study, folder, tracking_uri, optuna_storage, address or os.environ.get("RAY_ADDRESS") or None,
                     resume=resume is not None, cache=cache, live=not no_live)
     except TrackingError as e:
         raise click.ClickException(str(e))
@@ -348,6 +348,7 @@ def server(backend_store_uri, artifacts_destination, host, port, workers) -> Non
 
     from ats.tracking import serve
     args = serve(backend_store_uri, artifacts_destination, host, port, workers)
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")   # GenAI job workers: not used by ats
     click.echo(f"MLflow tracking server on http://{host}:{port} (backend {backend_store_uri}, "
                f"artifacts {artifacts_destination})")
     os.execvp(args[0], args)

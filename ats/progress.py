@@ -26,7 +26,7 @@ class TrialTable:
         row["status"] = status
         if result:
             row.update({k: result[k] for k in ("fid_valid", "fid_eval", "fit_seconds", "error") if k in result})
-        if self.live is None and status in ("DONE", "FAILED"):
+        if self.live is None and status in ("DONE", "FAILED", "RETRYING"):
             self.console.print(self.line(trial.trial_id, row))
         self.redraw()
 
@@ -60,6 +60,8 @@ class TrialTable:
 
     @staticmethod
     def line(trial_id: str, r: dict) -> str:
+        if r["status"] == "RETRYING":
+            return f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: crashed, retrying"
         if r["status"] == "FAILED":
             return f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FAILED ({r.get('error', '')})"
         return (f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FID valid {_num(r.get('fid_valid'))}, "

@@ -8,6 +8,7 @@ SQLite database, ``./mlflow.db``, as in MLflow 3; no server is needed for it.
 from __future__ import annotations
 
 import http.client
+import os
 import shlex
 import socket
 import subprocess
@@ -41,8 +42,9 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """None: a SQLite database ``mlflow.db`` in the working directory (absolute URI);
-    ``http(s)://``, ``sqlite:///`` and ``postgresql://`` URIs pass through."""
+    """None: $MLFLOW_TRACKING_URI if set, else a SQLite database ``mlflow.db`` in the working
+    directory (absolute URI); ``http(s)://``, ``sqlite:///`` and ``postgresql://`` URIs pass through."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri is None:
         return f"sqlite:///{Path('mlflow.db').resolve()}"
     if uri.startswith(("http://", "https://", "sqlite:///")) or urlparse(uri).scheme.startswith("postgresql"):

@@ -33,6 +33,7 @@ METRIC = "fid_valid"
 EXPERIMENT = "trials"
 BOARD = "ats-progress"
 NAMESPACE = "ats"
+REPORT = "report.json"   # a finished trial's reported metrics, inside its checkpoint
 
 
 @dataclass
@@ -68,6 +69,29 @@ def optuna_sampler(name: str, seed: int):
                 "gp": lambda: optuna.samplers.GPSampler(seed=seed),
                 "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}
     return samplers[name]()
+
+
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class ResumableOptunaSearch(OptunaSearch):
+        """OptunaSearch for one final report per trial, safe to resume after a killed driver:
+        no intermediate values (nothing to prune), and a trial that Optuna's storage already
+        holds as finished (told before the driver died) is not told again."""
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            pass
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is not None:
+                stored = self._ot_study.get_trials(deepcopy=False)
+                if ot_trial.number < len(stored) and stored[ot_trial.number].state.is_finished():
+                    self._completed_trials.add(trial_id)
+                    return
+            super().on_trial_complete(trial_id, result, error)
+
+    return ResumableOptunaSearch
 
 
 class CellSpace:
@@ -147,11 +171,17 @@ def run_trial(config: dict, study: dict, cache: str) -> None:
             last[0] = now
             board.update.remote(trial_id, info)
 
+    done = tune.get_checkpoint()
+    if done is not None:   # finished before the driver died: report it again, do not refit
+        with done.as_directory() as folder:
+            tune.report(json.loads((Path(folder) / REPORT).read_text()))
+        return
     options = spec.method_options(config["method"], trial_params(config))
     with tempfile.TemporaryDirectory(prefix="ats-trial-") as out:
         scored = fit_and_score(spec, config["method"], config["solver"], config["nfe"], options, out, cache,
                                progress)
-        metrics = {**scored.metrics, "node": ray.get_runtime_context().get_node_id()}
+        metrics = {**scored.metrics, "node": ray.get_runtime_context().get_node_id(), "finished_at": time.time()}
+        write_atomic(Path(out) / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(out))
 
 
@@ -290,8 +320,10 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
            console=None) -> list[Row]:
     """Run (or, with ``resume``, finish) a study in ``folder``; returns the final table's rows."""
     from rich.console import Console
-    console = console or Console()
+    console = console or Console(width=None if os.isatty(1) else 160)
     folder = folder.resolve()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own status tables off: ats draws its own
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
         state = SearchState.load(folder)
         study = load_study(folder / "study.yaml")
@@ -299,7 +331,7 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
         folder.mkdir(parents=True, exist_ok=False)
         write_study(study, folder / "study.yaml")
         state = SearchState(tracking.resolve_tracking_uri(tracking_uri),
-                            optuna_url or f"sqlite:///{folder / 'optuna.db'}", f"{study.name}-{folder.name}")
+                            optuna_url or f"sqlite:///{folder / 'optuna.db'}", folder.name)
     tracking.check_reachable(state.tracking_uri)
     cache = (cache or Path(".ats-cache/teacher")).resolve()
     spec = study.to_dict()
@@ -364,14 +396,13 @@ def _trainable(study: Study, spec: dict, cache: Path):
 def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache: Path, resume: bool,
                live: bool):
     """The Tuner over every cell: its ResultGrid, and whether it stopped before all trials ended."""
-    from ray.tune.search.optuna import OptunaSearch
     path = folder / "ray" / EXPERIMENT
     trainable = _trainable(study, spec, cache)
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        searcher = OptunaSearch(CellSpace(study), metric=METRIC, mode="min",
+        searcher = _searcher_class()(CellSpace(study), metric=METRIC, mode="min",
                                 storage=optuna_storage(state.optuna_storage), study_name=state.optuna_study,
                                 sampler=optuna_sampler(study.sampler, study.seed))
         callback = TrackingCallback(state.tracking_uri, study.name, state.parent_run_id, spec, live)
@@ -440,7 +471,7 @@ def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list
     out = folder / "summary"
     metrics = {}
     for r in rows:
-        key = f"{r.method}.{r.solver}.nfe{r.nfe}"
+        key = f"{r.method}.{r.solver.replace('+', 'p')}.nfe{r.nfe}"   # MLflow names: no '+'
         metrics[f"fid_eval.{key}"] = r.fid_eval
         if r.kind == "method":
             metrics[f"vs_best_baseline_pct.{key}"] = r.vs_baseline_pct

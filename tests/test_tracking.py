@@ -1,10 +1,6 @@
 """The MLflow layer against real stores: a local `mlflow server` process and a SQLite file."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,50 +9,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import free_port
+
 from ats.methods.common import FitResult, save_result
 from ats.methods.predictors import OneShotPredictor
 from ats.noise import NoiseScheduleVP
 from ats.plots import plot_fid_vs_nfe, plot_schedule_spread, plot_schedules
 from ats.tracking import (StudyTracker, TrackingError, check_reachable, load_result, resolve_tracking_uri,
-                          runs_url, serve)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
-    """A real tracking server on loopback (SQLite backend, proxied artifacts), for the module."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(serve(f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), port=port),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-                                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                check_reachable(uri, timeout=1)
-                break
-            except TrackingError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.3)
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn workers it started
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+                          runs_url)
 
 
 def _round_trip(uri: str, tmp_path: Path) -> None:
@@ -100,8 +60,8 @@ def _round_trip(uri: str, tmp_path: Path) -> None:
         resumed.child("ld3/dpm_solver++/5", "ld3 nfe 5", {"lr": 0.1}, {})
 
 
-def test_tracker_against_a_server(server, tmp_path):
-    _round_trip(server, tmp_path)
+def test_tracker_against_a_server(mlflow_server, tmp_path):
+    _round_trip(mlflow_server, tmp_path)
 
 
 def test_tracker_against_the_local_sqlite_default(tmp_path, monkeypatch):
@@ -113,7 +73,7 @@ def test_tracker_against_the_local_sqlite_default(tmp_path, monkeypatch):
 
 
 def test_unreachable_server_and_bad_uris(tmp_path):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(TrackingError, match=f"{uri} is not reachable.*ats server"):
         check_reachable(uri, timeout=2)
@@ -124,19 +84,19 @@ def test_unreachable_server_and_bad_uris(tmp_path):
     assert (tmp_path / "new").is_dir()
 
 
-def test_load_result_round_trip(server, tmp_path):
+def test_load_result_round_trip(mlflow_server, tmp_path):
     net = OneShotPredictor((4,), 3, torch.randn(4), width=16)
     torch.nn.init.normal_(net.head[-1].weight)
     results = {"global": FitResult("ld3", "uni_pc", 2, 3, timesteps=torch.linspace(1., 1e-3, 4),
                                    history={"loss": [1., .5]}, info={"theta": [0., 1., 2., 3.]}),
                "oneshot": FitResult("oneshot", "uni_pc", 2, 3, predictor=net)}
-    tracker = StudyTracker(server, "study-load")
+    tracker = StudyTracker(mlflow_server, "study-load")
     tracker.start_parent("search", {}, {})
     for name, result in results.items():
         save_result(result, tmp_path / name / "result.pt")
         run_id = tracker.child(name, name, {}, {})
         tracker.log_artifacts(run_id, tmp_path / name, "result")
-        loaded = load_result(run_id, server)
+        loaded = load_result(run_id, mlflow_server)
         assert (loaded.method, loaded.nfe, loaded.history, loaded.info) == (result.method, 3, result.history,
                                                                             result.info)
         if result.predictor is None:
@@ -146,7 +106,7 @@ def test_load_result_round_trip(server, tmp_path):
             assert type(loaded.predictor) is OneShotPredictor and not loaded.predictor.training
             torch.testing.assert_close(loaded.predictor(x), net(x))
     with pytest.raises(TrackingError, match="result/result.pt"):
-        load_result(tracker.parent_id, server)
+        load_result(tracker.parent_id, mlflow_server)
 
 
 def test_plots_write_pngs(tmp_path):

@@ -3,7 +3,7 @@ and every guidance type, using the Gaussian mixture's exact denoiser as the netw
 import pytest
 import torch
 
-from ats.models import GaussianMixture, model_wrapper
+from ats.models import model_wrapper
 from ats.models.wrapper import expand_dims
 from ats.noise import EDMSchedule, NoiseScheduleVP
 

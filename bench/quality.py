@@ -10,13 +10,21 @@ deploy. TimeTuner is measured where its paper measures it (DDIM, NFE 10). Also: 
 of the batched oracle against a global fit with the same iterations and batch, and the
 one-shot predictor's sampling overhead.
 
-Run: ``python bench/quality.py [--datasets digits,gmm] [--nfes 3,5,7,10] ...``. Writes
-bench/results/quality.{json,md} and prints the table.
+Datasets: ``digits`` and the mixtures ``gmm-2d``, ``gmm-16d``, ``gmm-64d`` (the presets of
+``GMM_PRESETS``; ``gmm`` alone means ``gmm-16d``).
+
+Run: ``python bench/quality.py [--datasets digits,gmm-16d] [--nfes 3,5,7,10] ...``. Rows of
+earlier runs for other datasets, solvers or NFEs are kept: this run's rows replace only those
+with the same dataset, solver and NFE in bench/results/quality.json, and quality.md is
+written from the merged data. ``--speed-only`` measures just the wall times (batched oracle,
+predictor overhead; digits). Prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -31,13 +39,26 @@ from ats.methods.dmn import fit_dmn
 from ats.methods.gits import fit_gits
 from ats.methods.ld3 import Student, fit_ld3
 from ats.methods.oracle import fit_oracle
-from ats.methods.predictors import PredictorSampler, fit_predictor
+from ats.methods.predictors import PredictorSampler, auto_width, fit_predictor
 from ats.metrics import frechet_distance, l2_loss
 from ats.models.sources import GMM_PRESETS, load_source
 from ats.solvers import sample
 from ats.teacher import TeacherConfig, generate_teacher, split_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
+EXTRAS = ("timetuner_ddim10", "oracle_speed", "predictor_overhead_nfe5", "predictor_overhead_nfe5_width64")
+
+
+def dataset_source(name: str):
+    """``digits`` or ``gmm-<preset>`` (``gmm``: the 16d preset) -> (row label, source)."""
+    if name == "gmm":
+        name = "gmm-16d"
+    if name.startswith("gmm-"):
+        preset = name[4:]
+        if preset not in GMM_PRESETS:
+            raise SystemExit(f"unknown mixture preset {preset!r}; choose one of {', '.join(GMM_PRESETS)}")
+        return name, load_source("gmm", **GMM_PRESETS[preset])
+    return name, load_source(name)
 
 
 def score(source, metric, out, targets) -> dict:
@@ -87,66 +108,128 @@ def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
 
 
 def oracle_speed(source, solver: str, nfe: int, n: int, iterations: int, cache: Path) -> dict:
-    """Per-sample [n, N+1] logits against one global [N+1] logit vector, same batch and steps."""
+    """Per-sample [n, N+1] logits against one global [N+1] logit vector, same batch and steps;
+    the two fits' iterations alternate, so a busy machine slows both alike."""
     data = generate_teacher(source, split_seeds("train", n), TeacherConfig(), cache, dtype=source.dtype)
     student = Student(source, solver, None)
     unit = data.latents / student.sigma_T
-    out = {}
+    fits = {}
     for name, shape in (("global", (nfe + 1,)), ("per_sample", (n, nfe + 1))):
         theta = torch.zeros(shape, dtype=source.dtype, requires_grad=True)
-        opt = torch.optim.Adam([theta], lr=1e-2)
-        t = time.perf_counter()
-        for _ in range(iterations):
+        fits[name] = (theta, torch.optim.Adam([theta], lr=1e-2))
+    seconds = dict.fromkeys(fits, 0.)
+    for _ in range(iterations):
+        for name, (theta, opt) in fits.items():
+            t = time.perf_counter()
             loss = l2_loss(student(theta, None, unit, data.labels), data.targets).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
-        out[name + "_seconds"] = time.perf_counter() - t
+            seconds[name] += time.perf_counter() - t
+    out = {name + "_seconds": v for name, v in seconds.items()}
     out["ratio"] = out["per_sample_seconds"] / out["global_seconds"]
     return out
 
 
-def predictor_overhead(source, res, solver: str, nfe: int, n: int = 256, repeats: int = 20) -> dict:
+def predictor_overhead(source, results: list, solver: str, nfe: int, n: int = 256, repeats: int = 20) -> list[dict]:
+    """Median wall time of sampling n latents with each one-shot predictor against plain
+    sampling with a global schedule; the calls alternate (plain, each predictor, plain, ...),
+    so a busy machine slows all alike."""
     x = source.latents(split_seeds("eval", n), dtype=source.dtype)
-    sampler = PredictorSampler(res.predictor, source, solver, None)
+    samplers = [PredictorSampler(res.predictor, source, solver, None) for res in results]
     ts = get_timesteps(source.noise_schedule, "logSNR", nfe, dtype=source.dtype)
-
-    def median(fn):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+    fns = [lambda: sample(source.model_fn, source.noise_schedule, x, ts, solver)] + \
+          [(lambda s=s: s(x)) for s in samplers]
+    times = [[] for _ in fns]
     with torch.no_grad():
-        plain = median(lambda: sample(source.model_fn, source.noise_schedule, x, ts, solver))
-        pred = median(lambda: sampler(x))
-    return {"plain_ms": 1e3 * plain, "predictor_ms": 1e3 * pred, "overhead_pct": 100 * (pred - plain) / plain}
+        for i in range(repeats + 3):
+            for fn, acc in zip(fns, times):
+                t = time.perf_counter()
+                fn()
+                if i >= 3:  # warm-up
+                    acc.append(time.perf_counter() - t)
+    plain, *preds = (statistics.median(v) for v in times)
+    return [{"plain_ms": 1e3 * plain, "predictor_ms": 1e3 * pred, "overhead_pct": 100 * (pred - plain) / plain,
+             "width": res.predictor.config["width"], "n": n, "repeats": repeats}
+            for res, pred in zip(results, preds)]
+
+
+def speed(source, args, cache: Path) -> dict:
+    """The wall-time figures (digits): batched oracle against a global fit, and the one-shot
+    predictor's sampling overhead at NFE 5 with the automatic width and the published 64."""
+    out = {"oracle_speed": oracle_speed(source, "dpm_solver++", 5, 512, 20, cache)}
+    data = [generate_teacher(source, split_seeds(s, 64), TeacherConfig(), cache, dtype=source.dtype)
+            for s in ("train", "valid")]
+    fits = [fit_predictor("oneshot", source, *data, "dpm_solver++", 5, epochs=1, width=w) for w in (None, 64)]
+    out["predictor_overhead_nfe5"], out["predictor_overhead_nfe5_width64"] = \
+        predictor_overhead(source, fits, "dpm_solver++", 5)
+    return out
 
 
 METHODS = ["time_uniform", "logSNR", "time_quadratic", "edm", "dmn", "gits", "ld3", "oneshot", "delta", "oracle"]
 
 
-def write_tables(results: dict, began: float) -> str:
-    """bench/results/quality.{json,md} from what is finished so far (temporary file, rename)."""
-    results["seconds"] = time.perf_counter() - began
+def load_previous(path: Path) -> dict:
+    """Earlier results (empty if none); rows and figures without their run's settings get the
+    file's top-level ``args``."""
+    if not path.exists():
+        return {"configs": [], "runs": []}
+    old = json.loads(path.read_text())
+    args = old.get("args")
+    for c in old.get("configs", []):
+        c.setdefault("args", args)
+        c.setdefault("predictor_width", 64)  # rows written before the automatic width used 64
+    for key in EXTRAS:
+        if key in old:
+            old[key].setdefault("args", args)
+    runs = old.get("runs") or ([{"args": args, "seconds": old.get("seconds")}] if args else [])
+    return {"configs": old.get("configs", []), "runs": runs, **{k: old[k] for k in EXTRAS if k in old}}
+
+
+def merge(previous: dict, current: dict) -> dict:
+    """``previous`` with ``current``'s rows replacing those of the same dataset, solver and NFE
+    (in place; new ones appended) and its figures replacing the earlier ones."""
+    key = lambda c: (c["dataset"], c["solver"], c["nfe"])  # noqa: E731
+    new = {key(c): c for c in current["configs"]}
+    configs = [new.pop(key(c), c) for c in previous["configs"]] + list(new.values())
+    merged = {"configs": configs, **{k: previous[k] for k in EXTRAS if k in previous}}
+    merged.update({k: current[k] for k in EXTRAS if k in current})
+    merged["runs"] = [r for r in previous["runs"] if r.get("id") != current["run"]["id"]] + [current["run"]]
+    return merged
+
+
+def table(results: dict) -> str:
     lines = ["| dataset | solver | NFE | " + " | ".join(METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
     for c in results["configs"]:
         cells = [f"{c['rows'][m]['fid']:.3f} ({c['rows'][m]['vs_ld3_pct']:+.0f}%)" for m in METHODS]
         lines.append(f"| {c['dataset']} | {c['solver']} | {c['nfe']} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for name, text in (("quality.json", json.dumps(results, indent=2) + "\n"),
-                       ("quality.md", "# Schedule quality (FID, % vs LD3)\n\n" + table)):
-        write_atomic(RESULTS / name, lambda tmp: tmp.write_text(text))
-    return table
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(current: dict, began: float, out: Path) -> str:
+    """quality.{json,md} in ``out``: the rows on disk (re-read under a lock, so runs side by side
+    keep each other's rows) merged with what this run has finished so far, each file written
+    to a temporary file, then renamed."""
+    current["run"]["seconds"] = time.perf_counter() - began
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".quality.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = merge(load_previous(out / "quality.json"), current)
+        text = table(results)
+        notes = []
+        for k in EXTRAS:
+            if k in results:
+                notes.append(f"- {k}: " + ", ".join(f"{n}={v:.4g}" if isinstance(v, float) else f"{n}={v}"
+                                                     for n, v in results[k].items() if n != "args"))
+        md = "# Schedule quality (FID, % vs LD3)\n\n" + text + ("\n" + "\n".join(notes) + "\n" if notes else "")
+        for name, body in (("quality.json", json.dumps(results, indent=2) + "\n"), ("quality.md", md)):
+            write_atomic(out / name, lambda tmp: tmp.write_text(body))
+    return text
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--datasets", default="digits")
+    p.add_argument("--datasets", default="digits", help="digits, gmm-2d, gmm-16d, gmm-64d (gmm: gmm-16d)")
     p.add_argument("--solvers", default="uni_pc,dpm_solver++")
     p.add_argument("--nfes", default="3,5,7,10")
     p.add_argument("--n-train", type=int, default=256)
@@ -154,41 +237,56 @@ def main() -> None:
     p.add_argument("--ld3-epochs", type=int, default=150)
     p.add_argument("--predictor-epochs", type=int, default=30)
     p.add_argument("--oracle-iterations", type=int, default=100)
+    p.add_argument("--speed-only", action="store_true",
+                   help="only the wall-time figures (batched oracle, predictor overhead; digits)")
+    p.add_argument("--no-extras", action="store_true",
+                   help="only the table rows (no TimeTuner or wall-time figures on digits)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", default=".ats-cache/teacher")
+    p.add_argument("--results", default=str(RESULTS), help="folder of quality.{json,md} (merged into)")
     args = p.parse_args()
     torch.manual_seed(0)
     began = time.perf_counter()
-    results = {"args": vars(args), "configs": []}
-    lines = []
-    for dataset in args.datasets.split(","):
-        source = load_source(dataset, **(GMM_PRESETS["16d"] if dataset == "gmm" else {}))
+    out, cache = Path(args.results), Path(args.cache)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_args = vars(args)
+    current = {"configs": [], "run": {"id": f"{time.time():.0f}-{os.getpid()}", "args": run_args}}
+    for name in args.datasets.split(","):
+        dataset, source = dataset_source(name)
+        if args.speed_only:
+            if dataset == "digits":
+                current.update({k: {**v, "args": run_args} for k, v in speed(source, args, cache).items()})
+                write_tables(current, began, out)
+            else:
+                print(f"--speed-only measures digits only; {dataset} skipped")
+            continue
         for solver in args.solvers.split(","):
             for nfe in map(int, args.nfes.split(",")):
-                r = run_config(source, solver, nfe, args, Path(args.cache))
-                results["configs"].append({"dataset": dataset, "solver": solver, "nfe": nfe, **r})
+                r = run_config(source, solver, nfe, args, cache)
+                r["predictor_width"] = auto_width(source.shape)
+                current["configs"].append({"dataset": dataset, "solver": solver, "nfe": nfe, **r, "args": run_args})
                 print(dataset, solver, nfe, {k: round(v["fid"], 3) for k, v in r["rows"].items()}, flush=True)
-                write_tables(results, began)
-        if dataset == "digits":
+                write_tables(current, began, out)
+        if dataset == "digits" and not args.no_extras:
             tt = fit_method("timetuner", source, "ddim", 10, options={"discretization": "time_uniform"})
-            ev = generate_teacher(source, split_seeds("eval", args.n_eval), TeacherConfig(), args.cache, dtype=source.dtype)
+            ev = generate_teacher(source, split_seeds("eval", args.n_eval), TeacherConfig(), cache, dtype=source.dtype)
             metric = source.make_metric()
             with torch.no_grad():
-                untuned = sample(source.model_fn, source.noise_schedule, ev.latents, tt.timesteps.to(source.dtype), "ddim")
-                tuned = sample(source.model_fn, source.noise_schedule, ev.latents, tt.timesteps.to(source.dtype), "ddim",
-                               cond_timesteps=tt.cond_timesteps.to(source.dtype))
-            results["timetuner_ddim10"] = {"untuned_fid": frechet_distance(metric, untuned),
-                                           "tuned_fid": frechet_distance(metric, tuned)}
-            results["oracle_speed"] = oracle_speed(source, "dpm_solver++", 5, 512, 20, Path(args.cache))
-            res = fit_predictor("oneshot", source, *(generate_teacher(source, split_seeds(s, 64), TeacherConfig(),
-                                args.cache, dtype=source.dtype) for s in ("train", "valid")), "dpm_solver++", 5, epochs=1)
-            results["predictor_overhead_nfe5"] = predictor_overhead(source, res, "dpm_solver++", 5)
-            write_tables(results, began)
-    table = write_tables(results, began)
-    print(table)
-    for key in ("timetuner_ddim10", "oracle_speed", "predictor_overhead_nfe5"):
-        if key in results:
-            print(key, results[key])
-    print(f"({results['seconds']:.0f} s)")
+                untuned = sample(source.model_fn, source.noise_schedule, ev.latents, tt.timesteps.to(source.dtype),
+                                 "ddim")
+                tuned = sample(source.model_fn, source.noise_schedule, ev.latents, tt.timesteps.to(source.dtype),
+                               "ddim", cond_timesteps=tt.cond_timesteps.to(source.dtype))
+            current["timetuner_ddim10"] = {"untuned_fid": frechet_distance(metric, untuned),
+                                           "tuned_fid": frechet_distance(metric, tuned), "args": run_args}
+            current.update({k: {**v, "args": run_args} for k, v in speed(source, args, cache).items()})
+            write_tables(current, began, out)
+    text = write_tables(current, began, out)
+    print(text)
+    for key in EXTRAS:
+        if key in current:
+            print(key, {k: v for k, v in current[key].items() if k != "args"})
+    print(f"({current['run']['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ Run: ``python bench/quality.py [--datasets digits,gmm-16d] [--nfes 3,5,7,10] ...
 earlier runs for other datasets, solvers or NFEs are kept: this run's rows replace only those
 with the same dataset, solver and NFE in bench/results/quality.json, and quality.md is
 written from the merged data. ``--speed-only`` measures just the wall times (batched oracle,
-predictor overhead; digits). Prints the table.
+predictor overhead; digits), ``--speed-only overhead`` the predictor overhead alone. Prints the table.
 """
 from __future__ import annotations
 
@@ -132,37 +132,43 @@ def oracle_speed(source, solver: str, nfe: int, n: int, iterations: int, cache: 
 
 
 def predictor_overhead(source, results: list, solver: str, nfe: int, n: int = 256, repeats: int = 20) -> list[dict]:
-    """Median wall time of sampling n latents with each one-shot predictor against plain
-    sampling with a global schedule; the calls alternate (plain, each predictor, plain, ...),
-    so a busy machine slows all alike."""
+    """Median wall time (and process CPU time, which other programs on a shared machine do not
+    inflate) of sampling n latents with each one-shot predictor against plain sampling with a
+    global schedule; the calls alternate (plain, each predictor, plain, ...), so a busy machine
+    slows all alike."""
     x = source.latents(split_seeds("eval", n), dtype=source.dtype)
     samplers = [PredictorSampler(res.predictor, source, solver, None) for res in results]
     ts = get_timesteps(source.noise_schedule, "logSNR", nfe, dtype=source.dtype)
     fns = [lambda: sample(source.model_fn, source.noise_schedule, x, ts, solver)] + \
           [(lambda s=s: s(x)) for s in samplers]
-    times = [[] for _ in fns]
+    wall, cpu = [[] for _ in fns], [[] for _ in fns]
     with torch.no_grad():
         for i in range(repeats + 3):
-            for fn, acc in zip(fns, times):
-                t = time.perf_counter()
+            for fn, w, c in zip(fns, wall, cpu):
+                t, tc = time.perf_counter(), time.process_time()
                 fn()
                 if i >= 3:  # warm-up
-                    acc.append(time.perf_counter() - t)
-    plain, *preds = (statistics.median(v) for v in times)
+                    w.append(time.perf_counter() - t)
+                    c.append(time.process_time() - tc)
+    plain, *preds = (statistics.median(v) for v in wall)
+    plain_cpu, *preds_cpu = (statistics.median(v) for v in cpu)
     return [{"plain_ms": 1e3 * plain, "predictor_ms": 1e3 * pred, "overhead_pct": 100 * (pred - plain) / plain,
+             "plain_cpu_ms": 1e3 * plain_cpu, "predictor_cpu_ms": 1e3 * pred_cpu,
+             "overhead_cpu_pct": 100 * (pred_cpu - plain_cpu) / plain_cpu, "threads": torch.get_num_threads(),
              "width": res.predictor.config["width"], "n": n, "repeats": repeats}
-            for res, pred in zip(results, preds)]
+            for res, pred, pred_cpu in zip(results, preds, preds_cpu)]
 
 
-def speed(source, args, cache: Path) -> dict:
-    """The wall-time figures (digits): batched oracle against a global fit, and the one-shot
-    predictor's sampling overhead at NFE 5 with the automatic width and the published 64."""
-    out = {"oracle_speed": oracle_speed(source, "dpm_solver++", 5, 512, 20, cache)}
+def speed(source, args, cache: Path, oracle: bool = True) -> dict:
+    """The wall-time figures (digits): batched oracle against a global fit (``oracle``), and
+    the one-shot predictor's sampling overhead at NFE 5 with the automatic width and the
+    published 64."""
+    out = {"oracle_speed": oracle_speed(source, "dpm_solver++", 5, 512, 20, cache)} if oracle else {}
     data = [generate_teacher(source, split_seeds(s, 64), TeacherConfig(), cache, dtype=source.dtype)
             for s in ("train", "valid")]
     fits = [fit_predictor("oneshot", source, *data, "dpm_solver++", 5, epochs=1, width=w) for w in (None, 64)]
     out["predictor_overhead_nfe5"], out["predictor_overhead_nfe5_width64"] = \
-        predictor_overhead(source, fits, "dpm_solver++", 5)
+        predictor_overhead(source, fits, "dpm_solver++", 5, repeats=args.repeats)
     return out
 
 
@@ -237,10 +243,12 @@ def main() -> None:
     p.add_argument("--ld3-epochs", type=int, default=150)
     p.add_argument("--predictor-epochs", type=int, default=30)
     p.add_argument("--oracle-iterations", type=int, default=100)
-    p.add_argument("--speed-only", action="store_true",
-                   help="only the wall-time figures (batched oracle, predictor overhead; digits)")
+    p.add_argument("--speed-only", nargs="?", const="all", choices=["all", "overhead"],
+                   help="only the wall-time figures on digits: all (batched oracle, predictor overhead) or "
+                        "overhead (the predictor's alone)")
     p.add_argument("--no-extras", action="store_true",
                    help="only the table rows (no TimeTuner or wall-time figures on digits)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per sampler for the predictor overhead")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cache", default=".ats-cache/teacher")
     p.add_argument("--results", default=str(RESULTS), help="folder of quality.{json,md} (merged into)")
@@ -256,7 +264,8 @@ def main() -> None:
         dataset, source = dataset_source(name)
         if args.speed_only:
             if dataset == "digits":
-                current.update({k: {**v, "args": run_args} for k, v in speed(source, args, cache).items()})
+                figures = speed(source, args, cache, oracle=args.speed_only == "all")
+                current.update({k: {**v, "args": run_args} for k, v in figures.items()})
                 write_tables(current, began, out)
             else:
                 print(f"--speed-only measures digits only; {dataset} skipped")

@@ -22,6 +22,7 @@ from .atomic import write_atomic
 from .baselines import steps_for_nfe
 from .discretize import KINDS, get_timesteps
 from .evaluate import result_samples
+from .methods.predictors import PredictorSampler
 from .methods import fit_method
 from .methods.common import FitResult, save_result, save_schedule_json
 from .metrics import frechet_distance, l2_loss
@@ -97,24 +98,31 @@ def _progress_adapter(progress: Progress) -> Callable[..., None]:
 
 
 def score(study: Study, source: ModelSource, result: FitResult, method_options: dict[str, Any],
-          split: str, cache: str | Path) -> tuple[dict[str, float], torch.Tensor]:
-    """FID and mean L2 to the teacher on a split's seeds. Per-sample (oracle) schedules belong
-    to their own samples: the oracle is refitted on the split's samples, with the same settings."""
+          split: str, cache: str | Path) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+    """FID and mean L2 to the teacher on a split's seeds, the first samples (for the grid), and
+    the per-sample schedules used there (predictors, oracle; None for a global schedule).
+    Per-sample (oracle) schedules belong to their own samples: the oracle is refitted on the
+    split's samples, with the same settings, from the same starting schedule."""
     data = split_data(study, source, split, cache)
+    schedules = None
     if result.per_sample is not None:
         from .methods.oracle import fit_oracle
-        steps = steps_for_nfe(result.solver, result.nfe)
         init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
         options = {k: v for k, v in method_options.items() if k not in ("ld3", "progress")}
-        per_sample = fit_oracle(source, data, result.solver, steps, result.order, init=init, seed=study.seed,
-                                **options).per_sample
+        schedules = fit_oracle(source, data, result.solver, steps_for_nfe(result.solver, result.nfe), result.order,
+                               init=init, seed=study.seed, **options).per_sample
         with torch.no_grad():
             out = sample(source.model_fn_for(data.labels), source.noise_schedule, data.latents,
-                         per_sample.to(data.latents.dtype), result.solver, order=result.order)
+                         schedules.to(data.latents.dtype), result.solver, order=result.order)
+    elif result.predictor is not None:
+        with torch.no_grad():
+            out, schedules = PredictorSampler(result.predictor, source, result.solver, result.order,
+                                              result.info.get("space", "lambda"))(data.latents, data.labels)
     else:
         out = result_samples(source, result, data.latents, data.labels)
-    return {f"fid_{split}": frechet_distance(source.make_metric(), out),
-            f"l2_{split}": l2_loss(out, data.targets).mean().item()}, out[:GRID_SAMPLES]
+    metrics = {f"fid_{split}": frechet_distance(source.make_metric(), out),
+               f"l2_{split}": l2_loss(out, data.targets).mean().item()}
+    return metrics, out[:GRID_SAMPLES], schedules
 
 
 def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[str, Any], out: str | Path,
@@ -124,9 +132,12 @@ def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[st
     start = time.perf_counter()
     result = fit(study, source, method, solver, nfe, options, cache, progress)
     seconds = time.perf_counter() - start
-    metrics, _ = score(study, source, result, options, "valid", cache)
-    eval_metrics, samples = score(study, source, result, options, "eval", cache)
+    metrics, _, _ = score(study, source, result, options, "valid", cache)
+    eval_metrics, samples, schedules = score(study, source, result, options, "eval", cache)
     metrics.update(eval_metrics, fit_seconds=seconds)
+    if schedules is not None:   # saved with the evaluation seeds they belong to
+        result.per_sample = schedules.detach().cpu()
+        result.seeds = torch.tensor(list(split_seeds("eval", study.n_eval)))
     scored = Scored(result, metrics, samples)
     write_folder(scored, source, out)
     return scored
@@ -149,7 +160,9 @@ def write_folder(scored: Scored, source: ModelSource, out: str | Path) -> Path:
         seeds = np.asarray(result.seeds) if result.seeds is not None else np.arange(len(result.per_sample))
         write_atomic(out / "per_sample.npz", lambda tmp: np.savez(tmp, timesteps=result.per_sample.numpy(),
                                                                     seeds=seeds))
-        plot_schedule_spread(result.per_sample, source.noise_schedule, out / "schedule.png")
+        start = result.info.get("ld3_timesteps", None)   # the global schedule a predictor started from
+        plot_schedule_spread(result.per_sample, source.noise_schedule, out / "schedule.png",
+                             reference=None if start is None else torch.tensor(start))
     if len(source.shape) == 3:
         save_image_grid(scored.samples, out / "samples.png", scale=4 if source.shape[-1] <= 16 else 1)
     return out

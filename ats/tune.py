@@ -324,6 +324,8 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
     folder = folder.resolve()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own status tables off: ats draws its own
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     if resume:
         state = SearchState.load(folder)
         study = load_study(folder / "study.yaml")

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ats.atomic import write_atomic
-from ats.study import load_study, study_path
+from ats.study import load_study, study_from_dict, study_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,7 +62,9 @@ def main() -> None:
     base = load_study(args.study or study_path("gmm"))
     study = base.with_overrides(methods=("ld3",), trials=args.trials, cpus_per_trial=1,
                                 solvers=base.solvers[:1], nfes=base.nfes[:1])
-    study = study.with_overrides(ld3_epochs=args.epochs) if False else study
+    spec = study.to_dict()
+    spec["methods"]["ld3"]["options"]["epochs"] = args.epochs
+    study = study_from_dict(spec, origin="bench/scaling.py")
     with tempfile.TemporaryDirectory(prefix="ats-scaling-") as tmp:
         rows = [run(study, k, Path(tmp), console) for k in (1, 2)]
     ratio = rows[1]["trials_per_minute"] / rows[0]["trials_per_minute"]

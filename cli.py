@@ -9,6 +9,7 @@ import click
 from ats.discretize import KINDS
 from ats.models.sources import DATASETS, GMM_PRESETS
 from ats.solvers import SOLVERS
+from ats.study import SAMPLERS
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -274,7 +275,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
               help="Override the study's NFEs (comma-separated).")
 @click.option("--methods", default=None, help="Only these of the study's methods (comma-separated).")
 @click.option("--trials", type=click.IntRange(1), default=None, help="Trials per method, solver and NFE.")
-@click.option("--sampler", type=click.Choice(["tpe", "random", "cmaes", "gp", "qmc"]), default=None)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Optuna sampler.")
 @click.option("--n-train", type=click.IntRange(1), default=None)
 @click.option("--n-valid", type=click.IntRange(2), default=None)
 @click.option("--n-eval", type=click.IntRange(2), default=None)

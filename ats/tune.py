@@ -62,6 +62,7 @@ def optuna_storage(url: str):
 
 
 def optuna_sampler(name: str, seed: int):
+    """The Optuna sampler ``name`` (one of ats.study.SAMPLERS), seeded."""
     import optuna
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
                 "random": lambda: optuna.samplers.RandomSampler(seed=seed),

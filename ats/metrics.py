@@ -80,6 +80,7 @@ def frechet_distance(metric, fake: Tensor, batch_size: int = 500) -> float:
     metric.reset()
     uses_images = not isinstance(metric.inception, Coordinates)
     for chunk in fake.split(batch_size):
+        chunk = chunk.to(metric.device)
         metric.update(to_uint8(chunk) if uses_images else chunk, real=False)
     return float(metric.compute())
 
@@ -89,7 +90,7 @@ def gmm_metric(gmm, n_reference: int = 100000, seed: int = 12345):
     metric = frechet_metric(Coordinates(gmm.dim))
     ref = gmm.sample(n_reference, generator=torch.Generator().manual_seed(seed))
     for chunk in ref.split(10000):
-        metric.update(chunk, real=True)
+        metric.update(chunk.to(metric.device), real=True)
     return metric
 
 

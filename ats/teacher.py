@@ -61,6 +61,9 @@ class TeacherData(NamedTuple):
     targets: Tensor        # x0*, [n, ...]
     labels: Tensor | None  # [n] for conditional models
 
+    def to(self, device: torch.device | str | None) -> "TeacherData":
+        return TeacherData(*(None if v is None else v.to(device) for v in self))
+
 
 def cache_key(source: ModelSource, config: TeacherConfig, dtype: torch.dtype) -> dict:
     return {"format": FORMAT_VERSION, "model": source.identity, "name": source.name,

@@ -68,14 +68,17 @@ def check_inputs(study: Study) -> ModelSource:
     return study_source(study)
 
 
-def split_data(study: Study, source: ModelSource, split: str, cache: str | Path) -> TeacherData:
-    """Teacher data of a split (cached): what the fits see (train, valid) and the held-out eval."""
+def split_data(study: Study, source: ModelSource, split: str, cache: str | Path,
+               device: torch.device | str | None = None) -> TeacherData:
+    """Teacher data of a split (cached) on ``device``: what the fits see (train, valid) and the
+    held-out eval."""
     n = {"train": study.n_train, "valid": study.n_valid, "eval": study.n_eval}[split]
-    return generate_teacher(source, split_seeds(split, n), study.teacher, cache, dtype=source.dtype)
+    return generate_teacher(source, split_seeds(split, n), study.teacher, cache, dtype=source.dtype,
+                            device=device).to(device)
 
 
 def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, options: dict[str, Any],
-        cache: str | Path, progress: Progress | None = None) -> FitResult:
+        cache: str | Path, progress: Progress | None = None, device: torch.device | str | None = None) -> FitResult:
     """A baseline's schedule (fixed discretizations, dmn, gits) or a method's fit."""
     if method in KINDS:
         steps = steps_for_nfe(solver, nfe)
@@ -84,7 +87,7 @@ def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, o
     if progress is not None and method not in ("dmn", "gits"):
         options = {**options, "progress": _progress_adapter(progress)}
     return fit_method(method, source, solver, nfe, study.order, study.n_train, study.n_valid, study.teacher,
-                      cache, study.seed, options)
+                      cache, study.seed, options, device=device)
 
 
 def _progress_adapter(progress: Progress) -> Callable[..., None]:
@@ -98,12 +101,13 @@ def _progress_adapter(progress: Progress) -> Callable[..., None]:
 
 
 def score(study: Study, source: ModelSource, result: FitResult, method_options: dict[str, Any],
-          split: str, cache: str | Path) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
+          split: str, cache: str | Path,
+          device: torch.device | str | None = None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
     """FID and mean L2 to the teacher on a split's seeds, the first samples (for the grid), and
     the per-sample schedules used there (predictors, oracle; None for a global schedule).
     Per-sample (oracle) schedules belong to their own samples: the oracle is refitted on the
     split's samples, with the same settings, from the same starting schedule."""
-    data = split_data(study, source, split, cache)
+    data = split_data(study, source, split, cache, device)
     schedules = None
     if result.per_sample is not None:
         from .methods.oracle import fit_oracle
@@ -126,21 +130,34 @@ def score(study: Study, source: ModelSource, result: FitResult, method_options: 
 
 
 def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[str, Any], out: str | Path,
-              cache: str | Path, progress: Progress | None = None, source: ModelSource | None = None) -> Scored:
-    """Fit, score on the validation and evaluation seeds, write the result folder ``out``."""
-    source = source or study_source(study)
+              cache: str | Path, progress: Progress | None = None, source: ModelSource | None = None,
+              device: torch.device | str | None = None) -> Scored:
+    """Fit, score on the validation and evaluation seeds, write the result folder ``out``.
+    ``device``: where the fit and the sampling run (the source's networks are moved there)."""
+    source = (source or study_source(study)).to(device or "cpu")
     start = time.perf_counter()
-    result = fit(study, source, method, solver, nfe, options, cache, progress)
+    result = fit(study, source, method, solver, nfe, options, cache, progress, device)
     seconds = time.perf_counter() - start
-    metrics, _, _ = score(study, source, result, options, "valid", cache)
-    eval_metrics, samples, schedules = score(study, source, result, options, "eval", cache)
+    metrics, _, _ = score(study, source, result, options, "valid", cache, device)
+    eval_metrics, samples, schedules = score(study, source, result, options, "eval", cache, device)
     metrics.update(eval_metrics, fit_seconds=seconds)
     if schedules is not None:   # saved with the evaluation seeds they belong to
         result.per_sample = schedules.detach().cpu()
         result.seeds = torch.tensor(list(split_seeds("eval", study.n_eval)))
-    scored = Scored(result, metrics, samples)
+    scored = Scored(_on_cpu(result), metrics, samples.cpu())
     write_folder(scored, source, out)
     return scored
+
+
+def _on_cpu(result: FitResult) -> FitResult:
+    """Tensors and predictor on the CPU, so the saved result loads anywhere."""
+    for name in ("timesteps", "cond_timesteps", "per_sample", "seeds"):
+        value = getattr(result, name)
+        if value is not None:
+            setattr(result, name, value.detach().cpu())
+    if result.predictor is not None:
+        result.predictor.cpu()
+    return result
 
 
 def write_folder(scored: Scored, source: ModelSource, out: str | Path) -> Path:

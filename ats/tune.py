@@ -152,9 +152,11 @@ def _board():
         return None
 
 
-def _worker_setup(study: Study) -> None:
+def _worker_setup(study: Study) -> str:
+    """Torch threads from the trial's CPUs; the device: CUDA when Ray gave the trial a GPU."""
     import torch
     torch.set_num_threads(max(1, int(study.cpus_per_trial)))
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
 def run_trial(config: dict, study: dict, cache: str) -> None:
@@ -163,7 +165,7 @@ def run_trial(config: dict, study: dict, cache: str) -> None:
     from .trial import run_trial as fit_and_score
 
     spec = study_from_dict(study, origin="study.yaml")
-    _worker_setup(spec)
+    device = _worker_setup(spec)
     board, trial_id, last = _board(), tune.get_context().get_trial_id(), [0.0]
 
     def progress(info: dict) -> None:
@@ -180,8 +182,9 @@ def run_trial(config: dict, study: dict, cache: str) -> None:
     options = spec.method_options(config["method"], trial_params(config))
     with tempfile.TemporaryDirectory(prefix="ats-trial-") as out:
         scored = fit_and_score(spec, config["method"], config["solver"], config["nfe"], options, out, cache,
-                               progress)
-        metrics = {**scored.metrics, "node": ray.get_runtime_context().get_node_id(), "finished_at": time.time()}
+                               progress, device=device)
+        metrics = {**scored.metrics, "node": ray.get_runtime_context().get_node_id(), "device": device,
+                   "finished_at": time.time()}
         write_atomic(Path(out) / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(out))
 
@@ -192,8 +195,7 @@ def run_baseline(study: dict, name: str, solver: str, nfe: int, out: str, cache:
     from .study import study_from_dict
     from .trial import run_trial as fit_and_score
     spec = study_from_dict(study, origin="study.yaml")
-    _worker_setup(spec)
-    return fit_and_score(spec, name, solver, nfe, {}, out, cache).metrics
+    return fit_and_score(spec, name, solver, nfe, {}, out, cache, device=_worker_setup(spec)).metrics
 
 
 @ray.remote
@@ -202,10 +204,10 @@ def prepare_teacher(study: dict, cache: str) -> None:
     from .study import study_from_dict
     from .trial import split_data, study_source
     spec = study_from_dict(study, origin="study.yaml")
-    _worker_setup(spec)
-    source = study_source(spec)
+    device = _worker_setup(spec)
+    source = study_source(spec).to(device)
     for split in ("train", "valid", "eval"):
-        split_data(spec, source, split, cache)
+        split_data(spec, source, split, cache, device)
 
 
 # --- the driver ----------------------------------------------------------------------------------

@@ -45,3 +45,14 @@ def test_every_method_gives_a_scored_result_folder(method, tmp_path):
         assert ts.shape == (5,) and torch.equal(ts, loaded.timesteps.to(ts.dtype))
     if method in ("ld3", "oneshot", "delta", "oracle", "timetuner"):
         assert steps and {"phase", "step", "loss"} <= set(steps[-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("method", ["gits", "ld3", "oneshot", "timetuner"])
+def test_a_trial_on_cuda_scores_like_on_the_cpu(method, tmp_path):
+    study = study_from_dict(STUDY)
+    cpu = run_trial(study, method, "dpm_solver++", 4, CASES[method], tmp_path / "cpu", tmp_path / "cache")
+    gpu = run_trial(study, method, "dpm_solver++", 4, CASES[method], tmp_path / "gpu", tmp_path / "cache",
+                    device="cuda")
+    assert load_result(tmp_path / "gpu" / "result.pt").method == method   # saved on the CPU, loads anywhere
+    assert gpu.metrics["fid_eval"] == pytest.approx(cpu.metrics["fid_eval"], rel=0.05)

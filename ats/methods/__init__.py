@@ -32,8 +32,9 @@ def real_data(source: ModelSource, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def teacher_splits(source: ModelSource, n_train: int, n_valid: int, teacher: TeacherConfig, cache: str | Path,
-                   progress: Callable[[int], None] | None = None) -> tuple[TeacherData, TeacherData]:
-    kw = dict(config=teacher, cache=cache, dtype=source.dtype, progress=progress)
+                   progress: Callable[[int], None] | None = None,
+                   device: torch.device | str | None = None) -> tuple[TeacherData, TeacherData]:
+    kw = dict(config=teacher, cache=cache, dtype=source.dtype, progress=progress, device=device)
     return (generate_teacher(source, split_seeds("train", n_train), **kw),
             generate_teacher(source, split_seeds("valid", n_valid), **kw))
 
@@ -41,9 +42,10 @@ def teacher_splits(source: ModelSource, n_train: int, n_valid: int, teacher: Tea
 def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: int | None = None,
                n_train: int = 50, n_valid: int = 50, teacher: TeacherConfig = TeacherConfig(),
                cache: str | Path = ".ats-cache/teacher", seed: int = 0, options: dict[str, Any] | None = None,
-               progress: Callable[..., None] | None = None) -> FitResult:
-    """Fit ``method`` for ``solver`` at ``nfe`` network calls. ``options`` go to the method's
-    fit function (learning rates, epochs, loss, space, ...)."""
+               device: torch.device | str | None = None) -> FitResult:
+    """Fit ``method`` for ``solver`` at ``nfe`` network calls on ``device`` (where the source's
+    networks are; default the CPU). ``options`` go to the method's fit function (learning
+    rates, epochs, loss, space, progress, ...)."""
     from .dmn import fit_dmn
     from .gits import fit_gits
     from .ld3 import fit_ld3
@@ -61,13 +63,13 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     if method == "dmn":
         return fit_dmn(source.noise_schedule, solver, nfe, order, **options)
     if method == "gits":
-        return fit_gits(source, solver, nfe, split_seeds("train", n_train), order, **options)
+        return fit_gits(source, solver, nfe, split_seeds("train", n_train), order, device=device, **options)
     if method == "timetuner":
         kind = options.pop("discretization", "time_uniform")
         ts = get_timesteps(source.noise_schedule, kind, steps, dtype=source.dtype)
-        return fit_timetuner(source.model_fn, source.noise_schedule, real_data(source, options.pop("n_data", 1024), seed),
+        return fit_timetuner(source.model_fn, source.noise_schedule, real_data(source, options.pop("n_data", 1024), seed).to(device),
                              ts, solver, order, seed=seed, **options)
-    train, valid = teacher_splits(source, n_train, n_valid, teacher, cache)
+    train, valid = (d.to(device) for d in teacher_splits(source, n_train, n_valid, teacher, cache, device=device))
     if method == "ld3":
         return fit_ld3(source, train, valid, solver, steps, order, seed=seed, **options)
     ld3_options = options.pop("ld3", {})

@@ -88,4 +88,4 @@ def cifar10_source(checkpoint: str | Path | None = None, inception_weights: str 
                         "scheduler": json.loads((path / "scheduler_config.json").read_text())})
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     return ModelSource(f"unet:{path.name}", lambda labels: model_wrapper(network, ns, model_type=model_type),
-                       ns, shape, identity, make_metric, info={"checkpoint": str(path), "model_type": model_type})
+                       ns, shape, identity, make_metric, info={"checkpoint": str(path), "model_type": model_type}, networks=(unet,))

@@ -54,9 +54,12 @@ class GaussianMixture(nn.Module):
         return self.means.shape[1]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n exact samples of x0 (float64)."""
-        k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
-        noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device)
+        """n exact samples of x0 (float64), drawn on the generator's device (CPU by default)
+        and returned on the mixture's."""
+        where = generator.device if generator is not None else torch.device("cpu")
+        k = torch.multinomial(self.log_weights.exp().to(where), n, replacement=True, generator=generator)
+        noise = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=where)
+        k, noise = k.to(self.means.device), noise.to(self.means.device)
         return self.means[k] + self.stds[k] * noise
 
     def forward(self, y: Tensor, sigma: Tensor) -> Tensor:

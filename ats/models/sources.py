@@ -32,6 +32,13 @@ class ModelSource:
     num_classes: int = 0
     dtype: torch.dtype = torch.float32              # what sampling runs in
     info: dict = field(default_factory=dict)
+    networks: tuple[torch.nn.Module, ...] = ()      # what ``to`` moves
+
+    def to(self, device: torch.device | str) -> "ModelSource":
+        """Move the networks (in place) to ``device``; samplers follow their inputs' device."""
+        for net in self.networks:
+            net.to(device)
+        return self
 
     @property
     def model_fn(self) -> ModelFn:
@@ -83,7 +90,8 @@ def gmm_source(dim: int = 16, components: int = 8, seed: int = 0,
     identity = _digest({"gmm": [gmm.means.tolist(), gmm.stds.tolist(), gmm.log_weights.tolist()],
                         "schedule": repr(ns)})
     return ModelSource(f"gmm-{dim}d-{components}k-s{seed}", lambda labels: model_wrapper(gmm, ns, model_type="edm"),
-                       ns, (dim,), identity, lambda: gmm_metric(gmm), dtype=torch.float64, info={"gmm": gmm})
+                       ns, (dim,), identity, lambda: gmm_metric(gmm), dtype=torch.float64, info={"gmm": gmm},
+                       networks=(gmm,))
 
 
 def digits_source(weights: str | Path | None = None, conditional: bool = False,
@@ -102,12 +110,14 @@ def digits_source(weights: str | Path | None = None, conditional: bool = False,
         if labels is None:
             return model_wrapper(net, ns)
         return model_wrapper(net, ns, guidance_type="classifier-free", condition=labels,
-                             unconditional_condition=null.expand(len(labels)), guidance_scale=guidance_scale)
+                             unconditional_condition=null.to(labels.device).expand(len(labels)),
+                            guidance_scale=guidance_scale)
 
     identity = _digest({"weights": file_digest(path), "conditional": conditional, "guidance_scale": guidance_scale})
     name = f"digits-cfg{guidance_scale:g}" if conditional else "digits"
     return ModelSource(name, model_fn_for, ns, (1, 8, 8), identity, digits_metric,
-                       num_classes=net.num_classes if conditional else 0, info={"weights": str(path)})
+                       num_classes=net.num_classes if conditional else 0, info={"weights": str(path)},
+                       networks=(net,))
 
 
 def load_source(dataset: str, **options) -> ModelSource:

@@ -329,10 +329,13 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
     from ats import tune
     try:
         folder = resume or tune.new_study_dir(out, study)
-        tune.search(study, folder, tracking_uri, optuna_storage, address or os.environ.get("RAY_ADDRESS") or None,
-                    resume=resume is not None, cache=cache, live=not no_live)
+        _, interrupted = tune.search(study, folder, tracking_uri, optuna_storage,
+                                     address or os.environ.get("RAY_ADDRESS") or None,
+                                     resume=resume is not None, cache=cache, live=not no_live)
     except TrackingError as e:
         raise click.ClickException(str(e))
+    if interrupted:
+        raise SystemExit(130)
 
 
 @main.command()

@@ -320,8 +320,9 @@ def new_study_dir(root: Path, study: Study) -> Path:
 
 def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_url: str | None = None,
            address: str | None = None, resume: bool = False, cache: Path | None = None, live: bool = True,
-           console=None) -> list[Row]:
-    """Run (or, with ``resume``, finish) a study in ``folder``; returns the final table's rows."""
+           console=None) -> tuple[list[Row], bool]:
+    """Run (or, with ``resume``, finish) a study in ``folder``; returns the final table's rows
+    and whether it stopped (Ctrl-C) before every trial finished."""
     from rich.console import Console
     console = console or Console(width=None if os.isatty(1) else 160)
     folder = folder.resolve()
@@ -359,9 +360,13 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
 
     grid, interrupted = run_trials(study, spec, folder, state, cache, resume, live)
     rows = summarize(study, folder, tracker, state.parent_run_id, baselines, grid)
+    if interrupted:   # trials stopped mid-fit: their runs are reopened by --resume
+        for run in tracker.children():
+            if run.info.status == "RUNNING":
+                tracker.finish(run.info.run_id, "KILLED")
     tracker.finish(state.parent_run_id, "KILLED" if interrupted else "FINISHED")
     print_table(console, study, rows, tracker, folder, interrupted)
-    return rows
+    return rows, interrupted
 
 
 def run_baselines(study: Study, spec: dict, folder: Path, state: SearchState, tracker, cache: Path,

@@ -44,7 +44,7 @@ def run(study, concurrent: int, root: Path, console: Console) -> dict:
     spec = study.with_overrides(max_concurrent=concurrent)
     folder = root / f"concurrent-{concurrent}"
     began = time.perf_counter()
-    tune.search(spec, folder, tracking_uri=f"sqlite:///{root / 'mlflow.db'}", live=False, console=console)
+    tune.search(spec, folder, tracking_uri=f"sqlite:///{root / 'mlflow.db'}", live=False, console=console)[0]
     wall = time.perf_counter() - began
     ray.shutdown()
     n, seconds = trial_window(folder)

@@ -200,6 +200,30 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path):
     assert all(c.info.status == "FINISHED" for c in children) and parent.info.status == "FINISHED"
 
 
+def test_ctrl_c_stops_the_search_and_resume_finishes_it(tmp_path):
+    """SIGINT (Ctrl-C) to the driver: Tune stops, the runs it stopped are marked killed, the
+    exit status is 130 and the message says how to resume; --resume then finishes the study."""
+    tiny_study(tmp_path / "tiny.yaml", trials=4, epochs=40)
+    log = tmp_path / "search.log"
+    proc = start(["search", "--study", "tiny.yaml", "--no-live"], tmp_path, log)
+    try:
+        wait_for(lambda: worker_pids("ImplicitFunc"), 180, "a trial started", proc, log)
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    folder = study_folder(tmp_path)
+    assert f"ats search --resume {folder}" in log.read_text()
+    _, _, (parent,), children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert parent.info.status == "KILLED" and all(c.info.status != "RUNNING" for c in children)
+    res = ats(["search", "--resume", str(folder), "--no-live"], tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert len(finished_trials(folder)) == 4
+    _, _, (parent,), children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+
+
 def test_search_on_a_two_node_ray_cluster(tmp_path):
     """A head and a worker node (one CPU each) on loopback: two concurrent trials land on both."""
     from ray.cluster_utils import Cluster
@@ -241,3 +265,37 @@ def test_bad_study_input_is_one_line_before_anything_runs(tmp_path):
     res = ats(["search", "--dataset", "digits", "--study", "tiny.yaml"], tmp_path, timeout=120)
     assert res.returncode == 2 and "one of --dataset" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_ats_server_starts_a_tracking_server(tmp_path):
+    port = free_port()
+    proc = start(["server", "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}", "--artifacts-destination",
+                  str(tmp_path / "artifacts"), "--port", str(port)], tmp_path, tmp_path / "server.log")
+    try:
+        from ats.tracking import StudyTracker
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}"), 90, "the server to answer", proc,
+                 tmp_path / "server.log")
+        tracker = StudyTracker(f"http://127.0.0.1:{port}", "served")
+        run_id = tracker.start_parent("p", {"a": 1}, {})
+        assert MlflowClient(f"http://127.0.0.1:{port}").get_run(run_id).data.params == {"a": "1"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def _answers(uri: str) -> bool:
+    from ats.tracking import TrackingError, check_reachable
+    try:
+        check_reachable(uri, timeout=1)
+        return True
+    except TrackingError:
+        return False
+
+
+def test_optuna_storages_from_urls_and_journal_files(tmp_path):
+    from ats.tune import optuna_storage
+    for url in (f"sqlite:///{tmp_path / 'o.db'}", str(tmp_path / "journal.log")):
+        study = optuna.create_study(storage=optuna_storage(url), study_name="s")
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+        again = optuna.load_study(study_name="s", storage=optuna_storage(url))
+        assert len(again.trials) == 2

@@ -348,6 +348,7 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
                                        "git_commit": tracking.git_commit() or "unknown"},
         run_id=state.parent_run_id)
     state.save(folder)
+    tracker.client.log_artifact(state.parent_run_id, str(folder / "study.yaml"))   # the resolved study
     console.print(f"study [bold]{study.name}[/]: {len(study.cells())} cells x {study.trials} trials, "
                   f"{len(study.baseline_cells())} baselines; folder {folder}")
 

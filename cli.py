@@ -358,5 +358,63 @@ def server(backend_store_uri, artifacts_destination, host, port, workers) -> Non
     os.execvp(args[0], args)
 
 
+@main.command()
+@click.option("--run", "run_id", default=None, help="MLflow run id of a trial (its result/result.pt).")
+@click.option("--result", "result_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="A local result.pt (`ats fit`, a study folder) instead of --run.")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI of --run; default $MLFLOW_TRACKING_URI or a local sqlite ./mlflow.db.")
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "torch"]), default="diffusers", show_default=True,
+              help="diffusers: a global schedule's timesteps=/sigmas= lists; torch: a predictor as TorchScript.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="diffusers: the JSON file (default diffusers_schedule.json); torch: the folder (default "
+                   "exported_predictor/).")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(1),
+              help="torch: the batch the files are traced for (the loader splits and pads any other).")
+@dataset_options(default="digits")
+def export(source, run_id, result_path, tracking_uri, fmt, out, batch) -> None:
+    """Export a learned schedule for diffusers, or a predictor for torch without ats.
+
+    The dataset options name the model the result was fitted on (its noise schedule; for
+    --format torch also the network traced into the files)."""
+    import json
+
+    from ats.export import ExportError, diffusers_schedule, diffusers_snippet, export_torch
+    from ats.methods.common import load_result
+
+    if (run_id is None) == (result_path is None):
+        raise click.UsageError("give one of --run RUN_ID or --result FILE")
+    if run_id is not None:
+        from ats.tracking import TrackingError
+        from ats.tracking import load_result as load_run_result
+        try:
+            result = load_run_result(run_id, tracking_uri)
+        except TrackingError as e:
+            raise click.ClickException(str(e))
+    else:
+        result = load_result(result_path)
+    try:
+        if fmt == "torch":
+            files = export_torch(result, source, out or Path("exported_predictor"), batch)
+            click.echo("\n".join(map(str, files)))
+            click.echo(f"usage (torch only): import sys; sys.path.insert(0, '{files[0].parent}'); "
+                       "from ats_predictor import sample, schedule")
+            return
+        data = diffusers_schedule(result, source.noise_schedule)
+    except ExportError as e:
+        raise click.UsageError(str(e))
+    snippet = diffusers_snippet(data)
+    out = out or Path("diffusers_schedule.json")
+    out.write_text(json.dumps({**data, "snippet": snippet}, indent=2) + "\n")
+    if "timesteps" in data:
+        click.echo(f"timesteps = {data['timesteps']}  (rounded to training steps: up to "
+                   f"{data['timesteps_error_lambda']:.2g} in lambda)")
+    click.echo(f"sigmas = {[round(s, 8) for s in data['sigmas']]}  (exact)")
+    click.echo(snippet)
+    for note in data["notes"]:
+        click.echo(f"note: {note}")
+    click.echo(f"written to {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import click
 from ats.discretize import KINDS
 from ats.models.sources import DATASETS, GMM_PRESETS
 from ats.solvers import SOLVERS
-from ats.study import SAMPLERS
+from ats.study import BASELINES, SAMPLERS
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -356,6 +356,126 @@ def server(backend_store_uri, artifacts_destination, host, port, workers) -> Non
     click.echo(f"MLflow tracking server on http://{host}:{port} (backend {backend_store_uri}, "
                f"artifacts {artifacts_destination})")
     os.execvp(args[0], args)
+
+
+def _fit_options(f):
+    """--run / --schedule and --tracking-uri of `ats evaluate` and `ats sample`; the dataset
+    options apply to --schedule (a run's model comes from its study)."""
+    @click.option("--run", "run_id", default=None, help="MLflow run id of a trial or baseline of `ats search`.")
+    @click.option("--schedule", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+                  help="A schedule.json or result.pt written by `ats fit` or `ats search`, with --dataset and its "
+                       "options.")
+    @dataset_options(default="digits")
+    @click.option("--tracking-uri", default=None,
+                  help="MLflow tracking URI of --run; default $MLFLOW_TRACKING_URI or a local sqlite ./mlflow.db.")
+    @click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+    @functools.wraps(f)
+    def wrapper(*args, run_id, schedule, source, tracking_uri, **kwargs):
+        from ats.evaluate import check_fits, load_schedule_file
+
+        if (run_id is None) == (schedule is None):
+            raise click.UsageError("give one of --run RUN_ID or --schedule FILE")
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_', '-')}" for p in ("dataset", "preset", "checkpoint", "inception_weights",
+                                                      "fid_reference", "guidance_scale")
+                 if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
+        study = None
+        if run_id is not None:
+            from ats.tracking import TrackingError, load_result, load_run_study
+            from ats.trial import study_source
+            if given:
+                raise click.UsageError(f"{', '.join(given)} go with --schedule; a run's model comes from its study")
+            try:
+                study = load_run_study(run_id, tracking_uri)   # first: says clearly what a wrong id is
+                result = load_result(run_id, tracking_uri)
+            except TrackingError as e:
+                raise click.ClickException(str(e))
+            source = study_source(study)
+        try:
+            if schedule is not None:
+                result = load_schedule_file(schedule)
+            check_fits(source, result)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise click.UsageError(f"{schedule or run_id}: {e}")
+        return f(*args, result=result, source=source, study=study, run_id=run_id, tracking_uri=tracking_uri,
+                 **kwargs)
+    return wrapper
+
+
+@main.command()
+@_fit_options
+@click.option("--n", "n_samples", default=500, show_default=True, type=click.IntRange(2),
+              help="Evaluation samples (fresh seeds).")
+@click.option("--start", default=None, type=click.IntRange(0),
+              help="First evaluation sample; default: just past the study's evaluation seeds (--run), 0 (--schedule: "
+                   "the seeds `ats fit` compared on).")
+@click.option("--baselines", default=None, callback=lambda c, p, v: v and _choice_list(BASELINES)(c, p, v),
+              help="Comma-separated baselines; default: the study's (--run), all of them (--schedule).")
+def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, start, baselines) -> None:
+    """FID of a run's (or a file's) schedule or predictor against the baselines, on fresh seeds."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from ats.evaluate import compare_on_eval, comparison_table, is_oracle, run_metrics
+    from ats.teacher import TeacherConfig
+
+    if is_oracle(result):
+        raise click.UsageError("oracle schedules were fitted on each of their own samples, so they have no FID on "
+                               "fresh seeds (that takes a new oracle fit); their FID on the seeds they belong to "
+                               "is the run's fid_eval metric")
+    start = (study.n_eval if study else 0) if start is None else start
+    names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
+    console = Console()
+    with Progress(console=console, transient=True) as bar:
+        tasks = {"teacher": bar.add_task("teacher targets", total=n_samples),
+                 "sampling": bar.add_task("sampling", total=len(names) + 1)}
+        try:
+            rows = compare_on_eval(source, result, n_samples, study.teacher if study else TeacherConfig(), cache,
+                                   start, names, study.n_train if study else 50,
+                                   lambda task, k: bar.update(tasks[task], advance=k))
+        except ValueError as e:
+            raise click.UsageError(str(e))
+    table = comparison_table(rows, len(names), f"{result.method}: {source.name}, {result.solver} NFE {result.nfe}")
+    table.caption = f"{n_samples} evaluation samples ({start}..{start + n_samples - 1} of the eval split)"
+    console.print(table)
+    if run_id is not None:
+        import time
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        from ats.tracking import resolve_tracking_uri
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in run_metrics(rows, n_samples, start).items()]
+        MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).log_batch(run_id, metrics=metrics)
+        console.print(f"logged {len(metrics)} evaluate.* metrics to run {run_id}")
+
+
+@main.command("sample")
+@_fit_options
+@click.option("--n", "n_samples", default=64, show_default=True, type=click.IntRange(1), help="Number of samples.")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
+              show_default=True, help="The PNG to write.")
+@click.option("--seed", default=None, type=click.IntRange(0),
+              help="First evaluation sample (sample i has its own seed); default 0.")
+@click.option("--label", default=None, type=click.IntRange(0),
+              help="Class of every sample (class-conditional digits); default: each seed's own.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Choice(BASELINES),
+              help="Also draw the same seeds under this baseline, side by side (repeatable).")
+def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples, out, seed, label,
+                   baselines) -> None:
+    """Samples of a run's (or a file's) schedule or predictor: an image grid, or for gmm a scatter plot."""
+    from ats.evaluate import draw, sample_labels, sample_seeds, save_samples
+
+    try:
+        seeds = sample_seeds(result, n_samples, seed)
+        samples = draw(source, result, seeds, sample_labels(source, seeds, label), baselines,
+                       study.n_train if study else 50, cache)
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    path = save_samples(source, samples, out)
+    click.echo(f"{', '.join(samples)}: {n_samples} samples of {source.name} ({result.solver}, NFE {result.nfe}, "
+               f"seeds {seeds[0]}..{seeds[-1]}) in {path}")
 
 
 @main.command()

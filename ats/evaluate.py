@@ -1,19 +1,38 @@
-"""Evaluate a fit on fresh evaluation seeds against the fixed discretizations."""
+"""Use a fit: score it on fresh evaluation seeds against the baselines (``ats fit``, ``ats
+evaluate``) and draw samples from it beside the same seeds under a baseline (``ats sample``).
+
+A fit is a global schedule, a predictor (one schedule per sample, from its x_T), or per-sample
+oracle schedules. Oracle schedules were fitted on each of their own samples: they belong to
+those seeds (``FitResult.seeds``), so they can be drawn there but not scored on fresh seeds
+(that would be a new oracle fit, an upper bound rather than a schedule for new noise).
+"""
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .baselines import steps_for_nfe
-from .discretize import KINDS, get_timesteps
-from .methods.common import FitResult
+from .discretize import KINDS, check_time_range, get_timesteps
+from .methods.common import FitResult, load_result
 from .methods.predictors import PredictorSampler
 from .metrics import frechet_distance, l2_loss
 from .models.sources import ModelSource
 from .solvers import sample
 from .teacher import TeacherConfig, generate_teacher, split_seeds
+
+FIXED = KINDS[:4]   # the fixed discretizations every comparison shows
+Progress = Callable[[str, int], None]   # (task, advance): "teacher" in samples, "sampling" in schedules
+
+
+class EvalRow(NamedTuple):
+    name: str
+    l2: float    # mean L2 distance to the teacher
+    fid: float   # NaN where the sampler diverged
 
 
 def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None) -> Tensor:
@@ -28,36 +47,170 @@ def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Te
                       cond_timesteps=None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype))
 
 
+def is_oracle(result: FitResult) -> bool:
+    """Per-sample schedules without a predictor: they exist only for their own seeds."""
+    return result.per_sample is not None and result.predictor is None
+
+
+def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order: int | None, n_train: int = 50,
+                    cache: str | Path = ".ats-cache/teacher") -> FitResult:
+    """A baseline's schedule: a fixed discretization, or DMN / GITS fitted as ``ats search``
+    fits them (GITS on the first ``n_train`` training seeds)."""
+    if name in KINDS:
+        steps = steps_for_nfe(solver, nfe)
+        return FitResult(name, solver, order, nfe, timesteps=get_timesteps(source.noise_schedule, name, steps,
+                                                                             dtype=source.dtype))
+    from .methods import fit_method
+    return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
+
+
 def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
-                    cache: str | Path) -> list[tuple[str, float, float]]:
-    """(name, mean L2 to the teacher, FID) for every fixed discretization and the fit."""
-    data = generate_teacher(source, split_seeds("eval", n_eval), teacher, cache, dtype=source.dtype)
+                    cache: str | Path, start: int = 0, baselines: Sequence[str] = FIXED, n_train: int = 50,
+                    progress: Progress | None = None) -> list[EvalRow]:
+    """Every baseline, then the fit (absent for oracle schedules), on evaluation samples
+    start..start+n_eval-1: mean L2 to the teacher and FID."""
+    data = generate_teacher(source, split_seeds("eval", n_eval, start), teacher, cache, dtype=source.dtype,
+                            progress=progress and (lambda k: progress("teacher", k)))
     metric = source.make_metric()
-    steps = steps_for_nfe(result.solver, result.nfe)
+    fits = [baseline_result(source, name, result.solver, result.nfe, result.order, n_train, cache)
+            for name in baselines] + ([] if is_oracle(result) else [result])
     rows = []
-    for kind in KINDS[:4]:
-        with torch.no_grad():
-            out = sample(source.model_fn_for(data.labels), source.noise_schedule, data.latents,
-                         get_timesteps(source.noise_schedule, kind, steps, dtype=source.dtype), result.solver,
-                         order=result.order)
-        rows.append((kind, l2_loss(out, data.targets).mean().item(), frechet_distance(metric, out)))
-    if result.per_sample is None:
-        out = result_samples(source, result, data.latents, data.labels)
-        rows.append((result.method, l2_loss(out, data.targets).mean().item(), frechet_distance(metric, out)))
+    for fit in fits:
+        out = result_samples(source, fit, data.latents, data.labels)
+        fid = frechet_distance(metric, out) if torch.isfinite(out).all() else math.nan
+        rows.append(EvalRow(fit.method, l2_loss(out, data.targets).mean().item(), fid))
+        if progress:
+            progress("sampling", 1)
     return rows
+
+
+def improvement_pct(fid: float, rows: Sequence[EvalRow]) -> float:
+    """Change of ``fid`` in % against the best (finite) baseline FID among ``rows``."""
+    best = min((r.fid for r in rows if math.isfinite(r.fid)), default=math.nan)
+    return 100 * (fid - best) / best if best > 0 else math.nan
+
+
+def comparison_table(rows: Sequence[EvalRow], n_baselines: int, title: str, versus: str = "vs best baseline"):
+    """A rich table: the first ``n_baselines`` rows are baselines, the rest fits (bold); the
+    ``versus`` column is the change in FID against the best baseline."""
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("schedule", "FID", versus, "L2 to teacher"):
+        table.add_column(col, justify="left" if col == "schedule" else "right")
+    for i, r in enumerate(rows):
+        pct = improvement_pct(r.fid, rows[:n_baselines])
+        cells = (r.name, f"{r.fid:.4f}", "" if math.isnan(pct) else f"{pct:+.1f} %", f"{r.l2:.4f}")
+        table.add_row(*(cells if i < n_baselines else (f"[bold]{c}[/bold]" for c in cells)))
+    return table
 
 
 def evaluate_result(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
                     cache: str | Path):
-    """A rich table of ``compare_on_eval`` with the improvement over the best fixed one."""
-    from rich.table import Table
+    """``comparison_table`` of ``compare_on_eval`` against the fixed discretizations."""
     rows = compare_on_eval(source, result, n_eval, teacher, cache)
-    best_fixed = min(fid for name, _, fid in rows if name in KINDS)
-    table = Table(title=f"{source.name}, {result.solver} NFE {result.nfe}: {n_eval} evaluation samples")
-    for col in ("schedule", "L2 to teacher", "FID", "vs best fixed"):
-        table.add_column(col, justify="right" if col != "schedule" else "left")
-    for name, l2, fid in rows:
-        table.add_row(name, f"{l2:.4f}", f"{fid:.4f}", f"{100 * (fid - best_fixed) / best_fixed:+.1f} %")
-    if result.per_sample is not None:
+    table = comparison_table(rows, len(FIXED), f"{source.name}, {result.solver} NFE {result.nfe}: "
+                                               f"{n_eval} evaluation samples", "vs best fixed")
+    if is_oracle(result):
         table.caption = "per-sample schedules belong to their own seeds: see the fit's losses"
     return table
+
+
+def run_metrics(rows: Sequence[EvalRow], n: int, start: int) -> dict[str, float]:
+    """What ``ats evaluate`` logs to the run (the fit is the last row): ``evaluate.fid``,
+    ``evaluate.l2``, ``evaluate.vs_best_baseline_pct``, ``evaluate.fid.<baseline>``, and the
+    seeds used (``evaluate.n``, ``evaluate.start``). Non-finite values are left out."""
+    *baselines, fit = rows
+    metrics = {"evaluate.fid": fit.fid, "evaluate.l2": fit.l2,
+               "evaluate.vs_best_baseline_pct": improvement_pct(fit.fid, baselines),
+               "evaluate.n": n, "evaluate.start": start,
+               **{f"evaluate.fid.{r.name}": r.fid for r in baselines}}
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+
+
+def load_schedule_file(path: str | Path) -> FitResult:
+    """A ``schedule.json`` or ``result.pt`` written by ``ats fit`` or ``ats search``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if "timesteps" not in data:
+            raise ValueError(f"{path} holds no global schedule ('timesteps'); give the fit's result.pt")
+        times = {k: torch.tensor(data[k], dtype=torch.float64) for k in ("timesteps", "cond_timesteps") if k in data}
+        return FitResult(data["method"], data["solver"], data.get("order"), data["nfe"], **times,
+                         info=data.get("info", {}))
+    return load_result(path)
+
+
+def check_fits(source: ModelSource, result: FitResult) -> None:
+    """A one-line ValueError unless the fit can drive ``source``: a predictor's input shape and
+    classes, a schedule's times inside the model's time range."""
+    if result.predictor is not None:
+        config = getattr(result.predictor, "config", {})
+        if tuple(config.get("shape", source.shape)) != tuple(source.shape):
+            raise ValueError(f"the predictor takes inputs of shape {tuple(config['shape'])}, but {source.name} "
+                             f"samples have shape {tuple(source.shape)}: choose the dataset it was trained on")
+        if config.get("num_classes", 0) != source.num_classes:
+            raise ValueError(f"the predictor was trained with {config.get('num_classes', 0)} classes, {source.name} "
+                             f"has {source.num_classes}: use the model settings it was trained with "
+                             "(digits: --guidance-scale for a class-conditional predictor)")
+    for name in ("timesteps", "cond_timesteps", "per_sample"):
+        value = getattr(result, name)
+        if value is not None:
+            check_time_range(source.noise_schedule, value.to(torch.float64), f"the fit's {name}")
+
+
+def sample_seeds(result: FitResult, n: int, start: int | None) -> list[int]:
+    """Seeds of ``ats sample``: evaluation samples start..start+n-1, or for oracle schedules
+    the first n of the seeds they were fitted on."""
+    if not is_oracle(result):
+        return list(split_seeds("eval", n, start or 0))
+    if start is not None:
+        raise ValueError("oracle schedules belong to the seeds they were fitted on; leave out --seed")
+    if result.seeds is None or len(result.seeds) < n:
+        have = 0 if result.seeds is None else len(result.seeds)
+        raise ValueError(f"the oracle schedules cover {have} seeds; ask for at most that many samples")
+    return [int(s) for s in result.seeds[:n]]
+
+
+def sample_labels(source: ModelSource, seeds: Sequence[int], label: int | None) -> Tensor | None:
+    """Class labels: ``label`` for every sample, else the seeds' own (conditional models)."""
+    if label is None:
+        return source.labels(seeds)
+    if not source.num_classes:
+        raise ValueError(f"--label needs a class-conditional model, and {source.name} is unconditional "
+                         "(digits is class-conditional with classifier-free guidance: a study's "
+                         "model.guidance_scale, or --guidance-scale)")
+    if not 0 <= label < source.num_classes:
+        raise ValueError(f"--label must be in 0..{source.num_classes - 1}, got {label}")
+    return torch.full((len(seeds),), label, dtype=torch.long)
+
+
+def draw(source: ModelSource, result: FitResult, seeds: Sequence[int], labels: Tensor | None,
+         baselines: Sequence[str] = (), n_train: int = 50,
+         cache: str | Path = ".ats-cache/teacher") -> dict[str, Tensor]:
+    """Samples of the fit and of each baseline from the same seeds, by name (the fit first)."""
+    x = source.latents(seeds, dtype=source.dtype)
+    if is_oracle(result):
+        with torch.no_grad():
+            out = sample(source.model_fn_for(labels), source.noise_schedule, x,
+                         result.per_sample[:len(seeds)].to(x.dtype), result.solver, order=result.order)
+    else:
+        out = result_samples(source, result, x, labels)
+    samples = {result.method: out}
+    for name in baselines:
+        fit = baseline_result(source, name, result.solver, result.nfe, result.order, n_train, cache)
+        samples[f"{name} (baseline)" if name == result.method else name] = result_samples(source, fit, x, labels)
+    return samples
+
+
+def save_samples(source: ModelSource, samples: dict[str, Tensor], path: str | Path) -> Path:
+    """A PNG of ``draw``'s samples: an image grid (side by side per method), or for point
+    models a scatter of the first two coordinates over exact samples of the mixture."""
+    from .plots import plot_points, save_image_grid, save_side_by_side
+    if len(source.shape) == 3:
+        scale = 4 if source.shape[-1] <= 16 else 1
+        if len(samples) == 1:
+            return save_image_grid(next(iter(samples.values())), path, scale=scale)
+        return save_side_by_side(samples, path, scale=scale)
+    gmm = source.info.get("gmm")
+    reference = None if gmm is None else gmm.sample(2000, generator=torch.Generator().manual_seed(0))
+    return plot_points(samples, path, reference=reference)

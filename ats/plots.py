@@ -103,3 +103,43 @@ def plot_fid_vs_nfe(rows: dict[str, dict[int, float]], path: str | Path) -> Path
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return _save_figure(fig, path)
+
+
+def save_side_by_side(images: dict[str, Tensor], path: str | Path, scale: int = 1, gap: int = 8) -> Path:
+    """One ``image_grid`` per entry ([B, C, H, W] in [-1, 1], the same seeds under several
+    schedules), left to right, each under its name; a PNG (temporary file, then rename)."""
+    from PIL import Image, ImageDraw
+    grids = [image_grid(x, scale=scale).numpy() for x in images.values()]
+    label_h = 14
+    width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
+    height = max(g.shape[0] for g in grids) + label_h
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for name, grid in zip(images, grids):
+        canvas.paste(Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).convert("RGB"), (x, label_h))
+        draw.text((x + 2, 1), name, fill="black")
+        x += grid.shape[1] + gap
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format="png"))
+
+
+def plot_points(points: dict[str, Tensor], path: str | Path, reference: Tensor | None = None) -> Path:
+    """Scatter plots of samples [B, D] (the first two coordinates), one panel per entry side
+    by side on shared axes, over ``reference`` points (e.g. exact samples) in grey."""
+    from matplotlib.figure import Figure
+    if any(p.ndim != 2 or p.shape[1] < 2 for p in points.values()):
+        raise ValueError("expected points [B, D] with D >= 2")
+    fig = Figure(figsize=(4 * len(points), 4))
+    axes = fig.subplots(1, len(points), sharex=True, sharey=True, squeeze=False)[0]
+    for ax, (name, p) in zip(axes, points.items()):
+        if reference is not None:
+            ref = reference.detach().cpu().double()
+            ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.8", label="exact samples")
+        p = p.detach().cpu().double()
+        ax.scatter(p[:, 0], p[:, 1], s=6, label=f"{len(p)} samples")
+        ax.set_title(name)
+        ax.set_xlabel("x[0]")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("x[1]")
+    axes[0].legend(fontsize="small", loc="upper right")
+    return _save_figure(fig, path)

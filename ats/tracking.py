@@ -28,12 +28,14 @@ from mlflow.utils.validation import (MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH
 
 if TYPE_CHECKING:
     from .methods.common import FitResult
+    from .study import Study
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # the MLflow 3 UI shows model training, not GenAI
 PARENT_TAG = "mlflow.parentRunId"
 KEY_TAG = "ats.key"
 RESULT_ARTIFACT = "result/result.pt"
+STUDY_ARTIFACT = "study.yaml"   # the resolved study, on a search's parent run
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -248,6 +250,28 @@ def load_result(run_id: str, tracking_uri: str | None = None) -> FitResult:
             raise TrackingError(f"cannot fetch {RESULT_ARTIFACT} of run {run_id} from {uri} ({e}); check the run id "
                                 "and --tracking-uri (the run must come from a trial that finished)") from e
         return load_result_file(path)
+
+
+def load_run_study(run_id: str, tracking_uri: str | None = None) -> Study:
+    """The resolved study of a trial or baseline run: its parent run's ``study.yaml``."""
+    from .study import load_study
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        parent = client.get_run(run_id).data.tags.get(PARENT_TAG)
+    except MlflowException as e:
+        raise TrackingError(f"no run {run_id} at {uri} ({e.message}); check the run id and --tracking-uri") from e
+    if parent is None:
+        raise TrackingError(f"run {run_id} at {uri} is not a trial or baseline of `ats search` (it has no parent "
+                            "run); give a run id from the search's table")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent, STUDY_ARTIFACT, tmp)
+        except (MlflowException, OSError) as e:
+            raise TrackingError(f"cannot fetch {STUDY_ARTIFACT} of run {parent} (the parent of {run_id}) from {uri} "
+                                f"({e})") from e
+        return load_study(path)
 
 
 def serve(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000,

@@ -1,0 +1,161 @@
+"""`ats evaluate` and `ats sample` on the runs of a real `ats search` (a tiny 2-d Gaussian mixture
+study: LD3, the one-shot predictor and the oracle, local sqlite MLflow store) and on schedule
+files, through the click application; PNGs read back with PIL, metrics with MLflow's client."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ats.baselines import evaluate_table
+from ats.models.sources import load_source
+from ats.teacher import split_seeds
+from cli import main
+from test_search import ats, tiny_study
+
+N_EVAL = 64   # the study's evaluation seeds; `ats evaluate` starts after them
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory) -> dict:
+    """One finished search: run ids by method (and the parent's), the tracking URI, the cache."""
+    root = tmp_path_factory.mktemp("search")
+    lr = {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}
+    methods = {"ld3": {"options": {"epochs": 3}, "space": lr},
+               "oneshot": {"options": {"epochs": 2, "ld3": {"epochs": 2}}, "space": lr},
+               "oracle": {"options": {"iterations": 5, "restarts": 0, "ld3": {"epochs": 2}}, "space": lr}}
+    tiny_study(root / "tiny.yaml", trials=1, methods=methods, data={"n_train": 32, "n_valid": 16, "n_eval": N_EVAL})
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    done = ats(["search", "--study", "tiny.yaml", "--no-live", "--tracking-uri", uri], root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    ids = {r.data.tags.get("method", "parent"): r.info.run_id for r in runs}
+    return {"ids": ids, "uri": uri, "cache": str(root / ".ats-cache" / "teacher"), "client": client}
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+def run_args(search: dict, command: str, method: str, *more: str) -> list[str]:
+    return [command, "--run", search["ids"][method], "--tracking-uri", search["uri"], "--cache", search["cache"],
+            *more]
+
+
+def table(output: str) -> dict[str, list[str]]:
+    """Rows of a rich table, by their first cell (bold markup already rendered away)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if len(cells) == 4:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_evaluate_a_run_on_fresh_seeds_logs_metrics(search):
+    done = invoke(run_args(search, "evaluate", "ld3", "--n", "64"))
+    assert done.exit_code == 0, done.output
+    rows = table(done.output)
+    assert set(rows) == {"time_uniform", "logSNR", "ld3"}
+    assert f"evaluation samples ({N_EVAL}..{2 * N_EVAL - 1} of the eval split)" in done.output
+    metrics = search["client"].get_run(search["ids"]["ld3"]).data.metrics
+    assert metrics["evaluate.start"] == N_EVAL and metrics["evaluate.n"] == 64
+    assert float(rows["ld3"][0]) == pytest.approx(metrics["evaluate.fid"], abs=1e-4)
+    best = min(metrics["evaluate.fid.time_uniform"], metrics["evaluate.fid.logSNR"])
+    assert metrics["evaluate.vs_best_baseline_pct"] == pytest.approx(100 * (metrics["evaluate.fid"] - best) / best)
+    assert rows["ld3"][1] == f"{metrics['evaluate.vs_best_baseline_pct']:+.1f} %"
+    # The baselines' FIDs are those of the fresh seeds (another code path), not of the study's own.
+    source = load_source("gmm", dim=2, components=8)
+    fresh = split_seeds("eval", 64, N_EVAL)
+    (tu,) = evaluate_table(source, source.latents(fresh, dtype=source.dtype), None, source.make_metric(),
+                           ["dpm_solver++"], [4], ["time_uniform"])
+    assert tu.value == pytest.approx(metrics["evaluate.fid.time_uniform"], rel=1e-6)
+    study_eval = search["client"].get_run(search["ids"]["time_uniform"]).data.metrics["fid_eval"]
+    assert not math.isclose(study_eval, tu.value, rel_tol=1e-6)
+
+
+def test_evaluate_a_predictor_and_refuse_the_oracle(search):
+    done = invoke(run_args(search, "evaluate", "oneshot", "--n", "32", "--baselines", "time_uniform,dmn"))
+    assert done.exit_code == 0, done.output
+    assert set(table(done.output)) == {"time_uniform", "dmn", "oneshot"}
+    assert "evaluate.fid.dmn" in search["client"].get_run(search["ids"]["oneshot"]).data.metrics
+    done = invoke(run_args(search, "evaluate", "oracle"))
+    assert done.exit_code == 2 and "fitted on each of their own samples" in done.output
+
+
+def test_sample_a_run_side_by_side_and_on_the_oracle_seeds(search, tmp_path):
+    done = invoke(run_args(search, "sample", "ld3", "--n", "32", "--seed", "5", "--out", str(tmp_path / "one.png")))
+    assert done.exit_code == 0, done.output
+    done = invoke(run_args(search, "sample", "ld3", "--n", "32", "--baseline", "logSNR", "--baseline", "gits",
+                           "--out", str(tmp_path / "three.png")))
+    assert done.exit_code == 0 and "ld3, logSNR, gits" in done.output, done.output
+    one, three = Image.open(tmp_path / "one.png"), Image.open(tmp_path / "three.png")
+    assert one.format == three.format == "PNG" and one.size[1] == three.size[1]
+    assert three.size[0] == pytest.approx(3 * one.size[0], rel=0.05)   # one scatter panel per schedule
+    done = invoke(run_args(search, "sample", "oracle", "--n", "8", "--out", str(tmp_path / "oracle.png")))
+    assert done.exit_code == 0 and f"seeds {split_seeds('eval', 1)[0]}.." in done.output, done.output
+    done = invoke(run_args(search, "sample", "oracle", "--n", "8", "--seed", "3", "--out", str(tmp_path / "x.png")))
+    assert done.exit_code == 2 and "leave out --seed" in done.output
+    done = invoke(run_args(search, "sample", "oneshot", "--label", "1", "--out", str(tmp_path / "x.png")))
+    assert done.exit_code == 2 and "--label needs a class-conditional model" in done.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_schedule_files_match_the_run(search, tmp_path):
+    """The run's schedule.json through --schedule scores what --run scored on the same seeds;
+    its predictor's result.pt refuses a model of another shape."""
+    client, ids = search["client"], search["ids"]
+    schedule = client.download_artifacts(ids["ld3"], "result/schedule.json", str(tmp_path))
+    done = invoke(["evaluate", "--schedule", schedule, "--dataset", "gmm", "--preset", "2d", "--n", "64",
+                   "--start", str(N_EVAL), "--baselines", "logSNR", "--cache", search["cache"]])
+    assert done.exit_code == 0, done.output
+    assert float(table(done.output)["ld3"][0]) == pytest.approx(client.get_run(ids["ld3"]).data.metrics
+                                                                 ["evaluate.fid"], abs=1e-4)
+    predictor = client.download_artifacts(ids["oneshot"], "result/result.pt", str(tmp_path / "p"))
+    done = invoke(["sample", "--schedule", predictor, "--dataset", "gmm", "--preset", "16d",
+                   "--out", str(tmp_path / "x.png")])
+    assert done.exit_code == 2 and "inputs of shape (2,)" in done.output
+
+
+def test_digits_schedule_from_ats_fit(tmp_path):
+    cache = str(tmp_path / "cache")
+    done = invoke(["fit", "--method", "dmn", "--dataset", "digits", "--solver", "dpm_solver++", "--nfe", "5",
+                   "--n-eval", "8", "--cache", cache, "--out", str(tmp_path / "fit")])
+    assert done.exit_code == 0, done.output
+    schedule = str(tmp_path / "fit" / "schedule.json")
+    assert json.loads(Path(schedule).read_text())["method"] == "dmn"
+    done = invoke(["sample", "--schedule", schedule, "--dataset", "digits", "--n", "16", "--baseline", "edm",
+                   "--out", str(tmp_path / "digits.png"), "--cache", cache])
+    assert done.exit_code == 0, done.output
+    grid = 4 * (8 * 4 + 1) + 1          # 4 x 4 digits of 8 x 8 pixels, scaled 4 x, 1-pixel gaps
+    assert Image.open(tmp_path / "digits.png").size == (2 * grid + 8, grid + 14)
+    done = invoke(["sample", "--schedule", schedule, "--dataset", "digits", "--guidance-scale", "2", "--label", "7",
+                   "--n", "4", "--out", str(tmp_path / "seven.png")])
+    assert done.exit_code == 0 and "digits-cfg2" in done.output, done.output
+    assert Image.open(tmp_path / "seven.png").size == (2 * (8 * 4 + 1) + 1,) * 2
+    done = invoke(["sample", "--schedule", schedule, "--dataset", "digits", "--label", "7"])
+    assert done.exit_code == 2 and "digits is unconditional" in done.output
+    done = invoke(["evaluate", "--schedule", schedule, "--dataset", "digits", "--n", "16",
+                   "--baselines", "edm", "--cache", cache])
+    assert done.exit_code == 0 and set(table(done.output)) == {"edm", "dmn"}, done.output
+
+
+def test_clear_errors(search, tmp_path):
+    done = invoke(["evaluate", "--run", "0123456789abcdef", "--tracking-uri", search["uri"]])
+    assert done.exit_code == 1 and "no run 0123456789abcdef" in done.output
+    done = invoke(run_args(search, "evaluate", "parent"))
+    assert done.exit_code == 1 and "not a trial or baseline" in done.output
+    done = invoke(["sample", "--out", str(tmp_path / "x.png")])
+    assert done.exit_code == 2 and "give one of --run RUN_ID or --schedule FILE" in done.output
+    done = invoke(run_args(search, "sample", "ld3", "--dataset", "gmm"))
+    assert done.exit_code == 2 and "--dataset go with --schedule" in done.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"method": "x", "solver": "ddim", "order": None, "nfe": 2, "timesteps": [5.0, 2.0, 1.0]}))
+    done = invoke(["sample", "--schedule", str(bad), "--dataset", "gmm"])
+    assert done.exit_code == 2 and "timesteps" in done.output

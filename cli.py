@@ -469,7 +469,7 @@ def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples
 
     try:
         seeds = sample_seeds(result, n_samples, seed)
-        samples = draw(source, result, seeds, sample_labels(source, seeds, label), baselines,
+        samples = draw(source, result, seeds, sample_labels(source, result, seeds, label), baselines,
                        study.n_train if study else 50, cache)
     except ValueError as e:
         raise click.UsageError(str(e))

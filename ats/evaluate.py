@@ -164,17 +164,19 @@ def sample_seeds(result: FitResult, n: int, start: int | None) -> list[int]:
     if not is_oracle(result):
         return list(split_seeds("eval", n, start or 0))
     if start is not None:
-        raise ValueError("oracle schedules belong to the seeds they were fitted on; leave out --seed")
+        raise ValueError("oracle schedules belong to the seeds (and labels) they were fitted on; leave out --seed")
     if result.seeds is None or len(result.seeds) < n:
         have = 0 if result.seeds is None else len(result.seeds)
         raise ValueError(f"the oracle schedules cover {have} seeds; ask for at most that many samples")
     return [int(s) for s in result.seeds[:n]]
 
 
-def sample_labels(source: ModelSource, seeds: Sequence[int], label: int | None) -> Tensor | None:
+def sample_labels(source: ModelSource, result: FitResult, seeds: Sequence[int], label: int | None) -> Tensor | None:
     """Class labels: ``label`` for every sample, else the seeds' own (conditional models)."""
     if label is None:
         return source.labels(seeds)
+    if is_oracle(result):
+        raise ValueError("oracle schedules belong to the seeds and labels they were fitted on; leave out --label")
     if not source.num_classes:
         raise ValueError(f"--label needs a class-conditional model, and {source.name} is unconditional "
                          "(digits is class-conditional with classifier-free guidance: a study's "

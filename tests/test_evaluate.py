@@ -102,6 +102,8 @@ def test_sample_a_run_side_by_side_and_on_the_oracle_seeds(search, tmp_path):
     assert done.exit_code == 0 and f"seeds {split_seeds('eval', 1)[0]}.." in done.output, done.output
     done = invoke(run_args(search, "sample", "oracle", "--n", "8", "--seed", "3", "--out", str(tmp_path / "x.png")))
     assert done.exit_code == 2 and "leave out --seed" in done.output
+    done = invoke(run_args(search, "sample", "oracle", "--label", "1", "--out", str(tmp_path / "x.png")))
+    assert done.exit_code == 2 and "leave out --label" in done.output
     done = invoke(run_args(search, "sample", "oneshot", "--label", "1", "--out", str(tmp_path / "x.png")))
     assert done.exit_code == 2 and "--label needs a class-conditional model" in done.output
     assert not (tmp_path / "x.png").exists()

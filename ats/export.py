@@ -48,11 +48,13 @@ def _global_times(result: FitResult, fmt: str) -> Tensor:
     return result.timesteps.detach().to(torch.float64).cpu()
 
 
-def _scheduler(result: FitResult, steps: int, edm: bool) -> tuple[str, dict, str]:
+def _scheduler(result: FitResult, steps: int, noise_schedule: NoiseSchedule) -> tuple[str, dict, str]:
     """The diffusers scheduler that runs ``result.solver`` on a custom list, its config flags
     (to match ats), and which list it takes."""
-    if edm:
-        return "EDMEulerScheduler", {"sigma_schedule": "karras", "final_sigmas_type": "sigma_min"}, "sigmas"
+    if isinstance(noise_schedule, EDMSchedule):
+        return "EDMEulerScheduler", {"sigma_schedule": "karras", "sigma_min": noise_schedule.eps,
+                                     "sigma_max": noise_schedule.T, "rho": EDM_RHO,
+                                     "final_sigmas_type": "sigma_min"}, "sigmas"
     if result.solver in ("dpm_solver++", "ddim"):   # ats's DDIM (eta 0) is DPM-Solver-1
         order = 1 if result.solver == "ddim" else result.order or 2
         # ats lowers the final orders below 10 steps, diffusers below 15: off for 10..14 steps.
@@ -111,7 +113,7 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
                                   ).tolist()[:-1]
         notes.append("the network is called at model_timesteps (LD3's offsets), not at the scheduler's "
                      "timesteps: call unet(x, model_timesteps[i]) in the loop and step the scheduler with its own")
-    name, config, takes = _scheduler(result, steps, edm)
+    name, config, takes = _scheduler(result, steps, noise_schedule)
     if result.solver not in ("dpm_solver++", "ddim", "euler") and not edm:
         notes.append(f"no diffusers scheduler runs {result.solver} on a custom schedule (UniPC takes sigmas= "
                      f"only for flow models, DDIM/iPNDM neither); {name} with {takes}= runs the same times "
@@ -129,11 +131,12 @@ def diffusers_snippet(export: dict) -> str:
     """A short Python snippet that sets ``export``'s schedule on a diffusers scheduler."""
     s = export["scheduler"]
     flags = ", ".join(f"{k}={v!r}" for k, v in s["config"].items())
-    values = export["edm_ramp"] if s["class"] == "EDMEulerScheduler" else export[s["takes"]]
-    lines = [f"from diffusers import {s['class']}",
+    edm = s["class"] == "EDMEulerScheduler"
+    values = repr([round(v, 10) for v in (export["edm_ramp"] if edm else export[s["takes"]])])
+    lines = ["import torch"] * edm + [f"from diffusers import {s['class']}",
              f"scheduler = {s['class']}.from_config(pipe.scheduler.config, {flags})",
-             f"scheduler.set_timesteps({s['takes']}={[round(v, 10) for v in values]})"]
-    if s["class"] == "EDMEulerScheduler":
+             f"scheduler.set_timesteps({s['takes']}={f'torch.tensor({values})' if edm else values})"]
+    if edm:   # EDMEulerScheduler takes a tensor, not a list
         lines.append(f"timesteps = scheduler.timesteps[:{len(export['times']) - 1}]")
     return "\n".join(lines)
 

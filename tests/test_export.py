@@ -20,14 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscreteScheduler
 
-from ats.export import ExportError, diffusers_schedule, export_torch
+from ats.discretize import get_timesteps
+from ats.export import ExportError, diffusers_schedule, diffusers_snippet, export_torch
 from ats.methods.common import FitResult, save_result
 from ats.methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler
 from ats.models import model_wrapper
 from ats.models.digits import load_digits_unet
 from ats.models.sources import load_source
+from ats.noise import EDMSchedule
 from ats.solvers import sample
 from cli import main
 
@@ -100,6 +102,17 @@ def test_sigmas_match_ats_exactly_placed(digits):
     assert (ref - x).abs().max() > 1
     assert (y - ref).abs().max() < 1e-4
     assert (y - ref_called).abs().max() < 2e-5
+
+
+def test_edm_snippet_sets_the_sigmas():
+    """EDM schedules: the snippet's Karras-ramp positions give EDMEulerScheduler the times."""
+    ns = EDMSchedule()
+    ts = get_timesteps(ns, "logSNR", 5)
+    code = diffusers_snippet(diffusers_schedule(FitResult("ld3", "euler", None, 5, timesteps=ts), ns))
+    scope = {"pipe": type("Pipe", (), {"scheduler": EDMEulerScheduler()})()}
+    exec(code, scope)
+    assert torch.allclose(scope["scheduler"].sigmas[:-1].double(), ts, rtol=1e-6)   # float32 in diffusers
+    assert len(scope["timesteps"]) == 5
 
 
 def test_cli_diffusers_end_to_end(tmp_path):

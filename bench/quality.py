@@ -218,7 +218,8 @@ def write_tables(current: dict, began: float, out: Path) -> str:
     to a temporary file, then renamed."""
     current["run"]["seconds"] = time.perf_counter() - began
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".quality.lock", "w") as lock:
+    lock = os.open(out, os.O_RDONLY)  # the folder itself: no lock file left behind
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results = merge(load_previous(out / "quality.json"), current)
         text = table(results)
@@ -230,6 +231,8 @@ def write_tables(current: dict, began: float, out: Path) -> str:
         md = "# Schedule quality (FID, % vs LD3)\n\n" + text + ("\n" + "\n".join(notes) + "\n" if notes else "")
         for name, body in (("quality.json", json.dumps(results, indent=2) + "\n"), ("quality.md", md)):
             write_atomic(out / name, lambda tmp: tmp.write_text(body))
+    finally:
+        os.close(lock)  # releases the lock
     return text
 
 

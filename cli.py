@@ -479,11 +479,7 @@ def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples
 
 
 @main.command()
-@click.option("--run", "run_id", default=None, help="MLflow run id of a trial (its result/result.pt).")
-@click.option("--result", "result_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help="A local result.pt (`ats fit`, a study folder) instead of --run.")
-@click.option("--tracking-uri", default=None,
-              help="MLflow tracking URI of --run; default $MLFLOW_TRACKING_URI or a local sqlite ./mlflow.db.")
+@_fit_options
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "torch"]), default="diffusers", show_default=True,
               help="diffusers: a global schedule's timesteps=/sigmas= lists; torch: a predictor as TorchScript.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -491,28 +487,16 @@ def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples
                    "exported_predictor/).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(1),
               help="torch: the batch the files are traced for (the loader splits and pads any other).")
-@dataset_options(default="digits")
-def export(source, run_id, result_path, tracking_uri, fmt, out, batch) -> None:
+def export(result, source, study, run_id, tracking_uri, cache, fmt, out, batch) -> None:
     """Export a learned schedule for diffusers, or a predictor for torch without ats.
 
-    The dataset options name the model the result was fitted on (its noise schedule; for
-    --format torch also the network traced into the files)."""
+    A run's model comes from its study; with --schedule the dataset options name it (its
+    noise schedule; for --format torch also the network traced into the files)."""
     import json
 
+    from ats.atomic import write_atomic
     from ats.export import ExportError, diffusers_schedule, diffusers_snippet, export_torch
-    from ats.methods.common import load_result
 
-    if (run_id is None) == (result_path is None):
-        raise click.UsageError("give one of --run RUN_ID or --result FILE")
-    if run_id is not None:
-        from ats.tracking import TrackingError
-        from ats.tracking import load_result as load_run_result
-        try:
-            result = load_run_result(run_id, tracking_uri)
-        except TrackingError as e:
-            raise click.ClickException(str(e))
-    else:
-        result = load_result(result_path)
     try:
         if fmt == "torch":
             files = export_torch(result, source, out or Path("exported_predictor"), batch)
@@ -524,8 +508,8 @@ def export(source, run_id, result_path, tracking_uri, fmt, out, batch) -> None:
     except ExportError as e:
         raise click.UsageError(str(e))
     snippet = diffusers_snippet(data)
-    out = out or Path("diffusers_schedule.json")
-    out.write_text(json.dumps({**data, "snippet": snippet}, indent=2) + "\n")
+    out = write_atomic(out or Path("diffusers_schedule.json"),
+                       lambda tmp: tmp.write_text(json.dumps({**data, "snippet": snippet}, indent=2) + "\n"))
     if "timesteps" in data:
         click.echo(f"timesteps = {data['timesteps']}  (rounded to training steps: up to "
                    f"{data['timesteps_error_lambda']:.2g} in lambda)")

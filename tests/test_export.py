@@ -118,7 +118,7 @@ def test_edm_snippet_sets_the_sigmas():
 def test_cli_diffusers_end_to_end(tmp_path):
     save_result(FitResult("ld3", "dpm_solver++", 2, 5, timesteps=TIMES), tmp_path / "result.pt")
     out = tmp_path / "schedule.json"
-    res = CliRunner().invoke(main, ["export", "--result", str(tmp_path / "result.pt"), "--format", "diffusers",
+    res = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "result.pt"), "--format", "diffusers",
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "scheduler.set_timesteps(timesteps=[999, 622, 353, 150, 41])" in res.output
@@ -140,7 +140,7 @@ def predictor_result(kind: str, source) -> FitResult:
 def test_diffusers_format_refuses_predictor(tmp_path):
     source = load_source("digits")
     save_result(predictor_result("oneshot", source), tmp_path / "result.pt")
-    res = CliRunner().invoke(main, ["export", "--result", str(tmp_path / "result.pt"), "--format", "diffusers"])
+    res = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "result.pt"), "--format", "diffusers"])
     assert res.exit_code == 2
     message = res.output.strip().splitlines()[-1]
     assert "one schedule for the whole batch" in message and "--format torch" in message
@@ -174,7 +174,7 @@ def test_torch_export_runs_without_ats(tmp_path, kind, guidance):
     result = predictor_result(kind, source)
     save_result(result, tmp_path / "result.pt")
     folder = tmp_path / "export"
-    args = ["export", "--result", str(tmp_path / "result.pt"), "--format", "torch", "--out", str(folder),
+    args = ["export", "--schedule", str(tmp_path / "result.pt"), "--format", "torch", "--out", str(folder),
             "--batch", "4"] + ([] if guidance is None else ["--guidance-scale", str(guidance)])
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output

@@ -4,8 +4,8 @@ its result folder. ``ats.tune`` runs these on Ray workers; ``ats.tracking`` logs
 
 Result folder: ``result.pt`` (``ats.methods.common.load_result``), ``schedule.json`` (global
 schedules), ``per_sample.npz`` (per-sample schedules with their seeds), ``history.json``
-(loss curves), ``metrics.json``, ``schedule.png`` and, for image models, ``samples.png``
-(the first evaluation seeds).
+(loss curves), ``metrics.json``, ``schedule.png``, ``samples.pt`` (the samples of the first
+evaluation seeds) and, for image models, ``samples.png``.
 """
 from __future__ import annotations
 
@@ -180,6 +180,7 @@ def write_folder(scored: Scored, source: ModelSource, out: str | Path) -> Path:
         start = result.info.get("ld3_timesteps", None)   # the global schedule a predictor started from
         plot_schedule_spread(result.per_sample, source.noise_schedule, out / "schedule.png",
                              reference=None if start is None else torch.tensor(start))
+    write_atomic(out / "samples.pt", lambda tmp: torch.save(scored.samples, tmp))   # first evaluation seeds
     if len(source.shape) == 3:
         save_image_grid(scored.samples, out / "samples.png", scale=4 if source.shape[-1] <= 16 else 1)
     return out

@@ -510,7 +510,25 @@ def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list
                 lines[method] = torch.tensor(json.loads(path.read_text())["timesteps"])
         if lines:
             plot_schedules(lines, ns, out / f"schedules-{solver}-nfe{nfe}.png", title=f"{solver}, NFE {nfe}")
+        _samples_side_by_side(study, folder, solver, nfe, checkpoints, out / f"samples-{solver}-nfe{nfe}.png")
     tracker.log_artifacts(parent_id, out, "summary")
+
+
+def _samples_side_by_side(study: Study, folder: Path, solver: str, nfe: int, checkpoints: dict, path: Path) -> None:
+    """The first evaluation seeds under every baseline and the best trial of every method."""
+    import torch
+
+    from .plots import plot_points, save_side_by_side
+    folders = {name: folder / "baselines" / f"{name}-{solver}-nfe{nfe}" for name in study.baselines}
+    folders.update({m: Path(c.path) for m, c in checkpoints.items() if c is not None})
+    samples = {name: torch.load(f / "samples.pt", weights_only=True) for name, f in folders.items()
+               if (f / "samples.pt").exists()}
+    if not samples:
+        return
+    if next(iter(samples.values())).ndim == 4:
+        save_side_by_side(samples, path, scale=4 if next(iter(samples.values())).shape[-1] <= 16 else 1)
+    else:
+        plot_points(samples, path)
 
 
 def summary_markdown(rows: list[Row]) -> str:

@@ -146,7 +146,9 @@ def test_search_with_the_default_local_tracking_store_and_a_killed_trial(tmp_pat
         assert run.data.tags["method"] == "ld3" and run.data.tags["nfe"] == "4"
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2  # the loss curve by step
     summary = {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
-    assert "summary/summary.md" in summary and "summary/schedules-dpm_solver++-nfe4.png" in summary
+    assert {"summary/summary.md", "summary/schedules-dpm_solver++-nfe4.png",
+            "summary/samples-dpm_solver++-nfe4.png", "summary/fid_vs_nfe-dpm_solver++.png", "study.yaml"} <= summary | {
+        f.path for f in client.list_artifacts(parent.info.run_id)}
 
 
 def test_search_against_a_tracking_server_with_a_failing_method(tmp_path, mlflow_server):

@@ -151,7 +151,7 @@ def test_diffusers_format_refuses_predictor(tmp_path):
 RUN_WITHOUT_ATS = textwrap.dedent("""
     import sys
     repo = sys.argv[1]
-    sys.path = [p for p in sys.path if p not in ("", repo) and not p.startswith(repo + "/")]
+    sys.path = [p for p in sys.path if p not in ("", ".", repo)]   # site-packages may live inside repo/.venv
     sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
     import importlib.util
     assert importlib.util.find_spec("ats") is None, "ats is still importable"

@@ -50,7 +50,7 @@ RESOURCE_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent":
 OPTION_VALUES: dict[str, tuple[str, ...]] = {
     "loss": tuple(LOSSES) + ("lpips",), "space": SPACES, "optimizer": ("rmsprop", "adam"),
     "objective": ("end_to_end", "regression"), "strategy": STRATEGIES, "explore_sampler": ("tpe", "cmaes"),
-    "discretization": KINDS,
+    "discretization": KINDS, "start": ("best",) + KINDS[:4],
 }
 # Fit-function keywords that are no method options: set by the study (seed, order, solver), by the
 # caller (progress), or fixed by how schedules are sampled (lower_order_final, variant).

@@ -34,6 +34,17 @@ def test_ld3_improves_on_its_start_and_is_reproducible(setup):
     assert a.cond_timesteps is not None and a.cond_timesteps.shape == ts.shape
 
 
+def test_ld3_starts_where_asked(setup):
+    from ats.discretize import get_timesteps
+    source, train, valid = setup
+    for kind in ("time_quadratic", "edm"):
+        res = fit_ld3(source, train, valid, "dpm_solver++", 4, epochs=0, start=kind)
+        expected = get_timesteps(source.noise_schedule, kind, 4, dtype=torch.float64)
+        assert torch.allclose(res.timesteps, expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="start must be 'best' or one of"):
+        fit_ld3(source, train, valid, "dpm_solver++", 4, epochs=0, start="cosine")
+
+
 def test_ld3_interrupt_and_divergence_keep_the_best(setup):
     source, train, valid = setup
 

@@ -71,11 +71,13 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
             batch_size: int = 50, lr: float = 5e-3, optimizer: str = "rmsprop", xi_lr: float | None = None,
             learn_xi: bool = True,
             ball_radius: float | None = None, patience: int = 5, decay: float = 0.8, seed: int = 0,
-            init: Tensor | None = None,
+            init: Tensor | None = None, start: str = "best",
             progress: Callable[[int, float, float], None] | None = None) -> FitResult:
     """Fit theta (and xi) on ``train``, select on ``valid``; returns the best validation state.
-    ``init``: starting logits [N+1]; by default the fixed discretization (time_uniform, logSNR,
-    time_quadratic, edm) with the lowest validation loss, so the fit never starts behind it.
+    ``init``: starting logits [N+1]; else ``start``: a fixed discretization (time_uniform,
+    logSNR, time_quadratic, edm), or "best", the one with the lowest validation loss, so the
+    fit never starts behind it (a search can choose ``start`` by the validation FID instead:
+    teacher loss and FID can rank the fixed schedules differently).
     ``progress(epoch, train_loss, valid_loss)`` after every epoch. Ctrl-C returns the best state
     so far (``info['interrupted']``); a non-finite loss raises FitDiverged with the best
     state so far as ``.result``."""
@@ -87,8 +89,13 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
     student = Student(source, solver, order, space)
     dtype, device = train.latents.dtype, train.latents.device
     g = torch.Generator().manual_seed(seed)
-    if init is None:
+    if init is None and start == "best":
         init = best_fixed_logits(student, loss_fn, valid, steps)
+    elif init is None:
+        if start not in KINDS[:4]:
+            raise ValueError(f"start must be 'best' or one of {', '.join(KINDS[:4])}, got {start!r}")
+        init = logits_from_timesteps(get_timesteps(source.noise_schedule, start, steps, dtype=dtype),
+                                     source.noise_schedule, space)
     theta = torch.as_tensor(init).detach().clone().to(dtype=dtype, device=device)
     if theta.shape != (steps + 1,):
         raise ValueError(f"init must be logits of shape [{steps + 1}], got {tuple(theta.shape)}")

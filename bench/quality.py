@@ -261,7 +261,7 @@ def main() -> None:
     out, cache = Path(args.results), Path(args.cache)
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_args = vars(args)
+    run_args = {k: v for k, v in vars(args).items() if k not in ("results", "cache")}   # no machine paths
     current = {"configs": [], "run": {"id": f"{time.time():.0f}-{os.getpid()}", "args": run_args}}
     for name in args.datasets.split(","):
         dataset, source = dataset_source(name)

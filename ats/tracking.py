@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -170,8 +171,10 @@ class StudyTracker:
         return run_id
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """Metrics at ``step``; characters MLflow refuses in names (e.g. the '+' of dpm_solver++)
+        become 'p'."""
         now = int(time.time() * 1000)
-        self._log_metrics(run_id, [Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        self._log_metrics(run_id, [Metric(_metric_name(k), float(v), now, step or 0) for k, v in metrics.items()])
 
     def log_history(self, run_id: str, history: dict[str, list[float]]) -> None:
         """Loss curves: one metric per key, the step is the index."""
@@ -223,6 +226,10 @@ class StudyTracker:
     def _log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
         for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
             self.client.log_batch(run_id, metrics=chunk)
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^\w\-. :/]", "p", key)
 
 
 def git_commit() -> str | None:

@@ -20,8 +20,8 @@ import torch
 
 from .atomic import write_atomic
 from .baselines import steps_for_nfe
-from .discretize import KINDS, get_timesteps
-from .evaluate import result_samples
+from .discretize import KINDS
+from .evaluate import baseline_result, result_samples
 from .methods.predictors import PredictorSampler
 from .methods import fit_method
 from .methods.common import FitResult, save_result, save_schedule_json
@@ -81,9 +81,7 @@ def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, o
         cache: str | Path, progress: Progress | None = None, device: torch.device | str | None = None) -> FitResult:
     """A baseline's schedule (fixed discretizations, dmn, gits) or a method's fit."""
     if method in KINDS:
-        steps = steps_for_nfe(solver, nfe)
-        ts = get_timesteps(source.noise_schedule, method, steps, dtype=source.dtype)
-        return FitResult(method, solver, study.order, nfe, timesteps=ts)
+        return baseline_result(source, method, solver, nfe, study.order)
     if progress is not None and method not in ("dmn", "gits"):
         options = {**options, "progress": _progress_adapter(progress)}
     return fit_method(method, source, solver, nfe, study.order, study.n_train, study.n_valid, study.teacher,

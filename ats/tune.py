@@ -482,7 +482,7 @@ def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list
     out = folder / "summary"
     metrics = {}
     for r in rows:
-        key = f"{r.method}.{r.solver.replace('+', 'p')}.nfe{r.nfe}"   # MLflow names: no '+'
+        key = f"{r.method}.{r.solver}.nfe{r.nfe}"
         metrics[f"fid_eval.{key}"] = r.fid_eval
         if r.kind == "method":
             metrics[f"vs_best_baseline_pct.{key}"] = r.vs_baseline_pct

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ats.discretize import KINDS
+from ats.evaluate import EVAL_SAMPLES, L2_SAMPLES
 from ats.models.sources import DATASETS, GMM_PRESETS
 from ats.solvers import SOLVERS
 from ats.study import BASELINES, SAMPLERS
@@ -84,13 +85,18 @@ def main() -> None:
 @click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2),
               help="Number of samples (evaluation seeds).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="First evaluation sample.")
-def compare(source, solvers, nfes, discretizations, metric, n_samples, seed) -> None:
-    """Every fixed discretization per solver and NFE, by distance to a reference or by FID."""
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write one JSON object per row (value, 95 % interval, n; for FID the paired change "
+                   "against the best discretization of its solver and NFE).")
+def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, json_path) -> None:
+    """Every fixed discretization per solver and NFE, by distance to a reference or by FID,
+    with 95 % intervals (the best of each row in bold)."""
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
 
     from ats.baselines import evaluate_table, reference_solution
+    from ats.evaluate import seed_set
     from ats.teacher import split_seeds
 
     seeds = split_seeds("eval", n_samples, seed)
@@ -106,24 +112,48 @@ def compare(source, solvers, nfes, discretizations, metric, n_samples, seed) -> 
             score = source.make_metric()
         title = "FID" if len(source.shape) == 3 else "Frechet distance"
     total = len(solvers) * len(nfes) * len(discretizations)
-    rows = list(track(evaluate_table(source, x, labels, score, solvers, nfes, discretizations), total=total,
+    rows = list(track(evaluate_table(source, x, labels, score, solvers, nfes, discretizations,
+                                     seed_set("eval", n_samples, seed)), total=total,
                       description="sampling", console=console, transient=True))
-    table = Table(title=f"{source.name}: {title}, {n_samples} evaluation samples")
+    table = Table(title=f"{source.name}: {title} ± 95 % interval, {n_samples} evaluation samples "
+                        f"({seed}..{seed + n_samples - 1})",
+                  caption="bold: the lowest of its row")
     table.add_column("solver")
     table.add_column("NFE", justify="right")
     for kind in discretizations:
         table.add_column(kind, justify="right")
+    records = []
     for solver in solvers:
         for n in nfes:
-            values = {r.discretization: r.value for r in rows if r.solver == solver and r.nfe == n}
-            if values:
-                best = min(values.values())
-                table.add_row(solver, str(n), *(f"[bold]{values[k]:.4f}[/bold]" if values[k] == best
-                                                else f"{values[k]:.4f}" for k in discretizations))
+            cells = {r.discretization: r for r in rows if r.solver == solver and r.nfe == n}
+            if not cells:
+                continue
+            best = min(cells.values(), key=lambda r: r.value if r.value == r.value else float("inf"))
+            texts = {k: "diverged" if r.value != r.value else f"{r.value:.4g} ± {(r.high - r.low) / 2:.2g}"
+                     for k, r in cells.items()}
+            table.add_row(solver, str(n), *(f"[bold]{texts[k]}[/bold]" if cells[k] is best else texts[k]
+                                            for k in discretizations))
+            for k, r in cells.items():
+                record = {"name": k, "solver": solver, "nfe": n, metric: r.value, f"{metric}_low": r.low,
+                          f"{metric}_high": r.high, "n": n_samples, "seeds": seed_set("eval", n_samples, seed)}
+                if r.fid is not None and best.fid is not None and r is not best:
+                    c = r.fid.change_pct(best.fid)
+                    record.update(reference=best.discretization, vs_best_baseline_pct=c.pct,
+                                  vs_best_baseline_low=c.low, vs_best_baseline_high=c.high)
+                records.append(record)
     console.print(table)
     skipped = sorted({(r, n) for r in solvers for n in nfes} - {(r.solver, r.nfe) for r in rows})
     for solver, n in skipped:
         console.print(f"{solver}: NFE {n} skipped (Heun's N steps cost 2N - 1 calls, so its NFE is odd)")
+    if json_path is not None:
+        import json
+        import math
+
+        from ats.atomic import write_atomic
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                 for r in records]
+        write_atomic(json_path, lambda tmp: tmp.write_text(json.dumps(clean, indent=2) + "\n"))
+        console.print(f"rows written to {json_path}")
 
 
 @main.command("train-model")
@@ -205,7 +235,7 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
 @click.option("--nfe", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--n-train", default=50, show_default=True, type=click.IntRange(1), help="Training samples (seeds).")
 @click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1), help="Validation samples.")
-@click.option("--n-eval", default=500, show_default=True, type=click.IntRange(2),
+@click.option("--n-eval", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2),
               help="Evaluation samples for the closing comparison (fresh seeds).")
 @click.option("--teacher-solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--teacher-nfe", default=20, show_default=True, type=click.IntRange(1))
@@ -259,8 +289,10 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
         console.print(f"interrupted: the best state so far is saved to {out}")
         return
     from ats.evaluate import evaluate_result
-    table = evaluate_result(source, result, n_eval, teacher, cache)
+    from ats.report import verdict
+    table, rows = evaluate_result(source, result, n_eval, teacher, cache)
     console.print(table)
+    console.print(verdict(rows))
     console.print(f"saved to {out}")
 
 
@@ -277,8 +309,10 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 @click.option("--trials", type=click.IntRange(1), default=None, help="Trials per method, solver and NFE.")
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Optuna sampler.")
 @click.option("--n-train", type=click.IntRange(1), default=None)
-@click.option("--n-valid", type=click.IntRange(2), default=None)
-@click.option("--n-eval", type=click.IntRange(2), default=None)
+@click.option("--n-valid", type=click.IntRange(2), default=None, help="The methods' own validation samples.")
+@click.option("--n-select", type=click.IntRange(2), default=None,
+              help="Samples whose FID ranks the trials and the baselines.")
+@click.option("--n-eval", type=click.IntRange(2), default=None, help="Held-out samples of the final table.")
 @click.option("--seed", type=int, default=None)
 @click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None, help="Fractions allowed, e.g. 0.5.")
@@ -297,7 +331,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
               help="Where study folders go (must be shared storage on a cluster).")
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
 @click.option("--no-live", is_flag=True, help="Print a line per finished trial instead of a live table.")
-def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler, n_train, n_valid, n_eval, seed,
+def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler, n_train, n_valid, n_select, n_eval,
+           seed,
            cpus_per_trial, gpus_per_trial, max_concurrent, max_failures, checkpoint, inception_weights,
            fid_reference, tracking_uri, optuna_storage, address, out, cache, no_live) -> None:
     """Search schedules for a study: Ray Tune trials, Optuna hyperparameters, MLflow runs."""
@@ -311,7 +346,7 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
         raise click.UsageError("give one of --dataset NAME, --study FILE or --resume STUDY_DIR")
     overrides = {k: v for k, v in dict(
         solvers=solvers and tuple(solvers), nfes=nfes and tuple(nfes), trials=trials, sampler=sampler,
-        n_train=n_train, n_valid=n_valid, n_eval=n_eval, seed=seed, cpus_per_trial=cpus_per_trial,
+        n_train=n_train, n_valid=n_valid, n_select=n_select, n_eval=n_eval, seed=seed, cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures,
         checkpoint=checkpoint and str(checkpoint), inception_weights=inception_weights and str(inception_weights),
         fid_reference=fid_reference and str(fid_reference),
@@ -404,19 +439,23 @@ def _fit_options(f):
 
 @main.command()
 @_fit_options
-@click.option("--n", "n_samples", default=500, show_default=True, type=click.IntRange(2),
-              help="Evaluation samples (fresh seeds).")
+@click.option("--n", "n_samples", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2),
+              help="Evaluation samples (fresh seeds); the FID interval narrows like 1/sqrt(n).")
 @click.option("--start", default=None, type=click.IntRange(0),
               help="First evaluation sample; default: just past the study's evaluation seeds (--run), 0 (--schedule: "
                    "the seeds `ats fit` compared on).")
 @click.option("--baselines", default=None, callback=lambda c, p, v: v and _choice_list(BASELINES)(c, p, v),
               help="Comma-separated baselines; default: the study's (--run), all of them (--schedule).")
-def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, start, baselines) -> None:
-    """FID of a run's (or a file's) schedule or predictor against the baselines, on fresh seeds."""
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the rows (FID, 95 % interval, paired change against the best baseline) as JSON.")
+def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, start, baselines, json_path) -> None:
+    """FID of a run's (or a file's) schedule or predictor against the baselines, on fresh seeds,
+    with 95 % intervals and paired changes."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from ats.evaluate import compare_on_eval, comparison_table, is_oracle, run_metrics
+    from ats.evaluate import compare_on_eval, is_oracle, run_metrics
+    from ats.report import rich_table, verdict, write_json
     from ats.teacher import TeacherConfig
 
     if is_oracle(result):
@@ -427,27 +466,24 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
     console = Console()
     with Progress(console=console, transient=True) as bar:
-        tasks = {"teacher": bar.add_task("teacher targets", total=n_samples),
-                 "sampling": bar.add_task("sampling", total=len(names) + 1)}
+        tasks = {"teacher": bar.add_task("teacher targets (L2 column)", total=min(n_samples, L2_SAMPLES)),
+                 "sampling": bar.add_task(f"sampling {n_samples} per schedule", total=len(names) + 1)}
         try:
             rows = compare_on_eval(source, result, n_samples, study.teacher if study else TeacherConfig(), cache,
                                    start, names, study.n_train if study else 50,
                                    lambda task, k: bar.update(tasks[task], advance=k))
         except ValueError as e:
             raise click.UsageError(str(e))
-    table = comparison_table(rows, len(names), f"{result.method}: {source.name}, {result.solver} NFE {result.nfe}")
-    table.caption = f"{n_samples} evaluation samples ({start}..{start + n_samples - 1} of the eval split)"
-    console.print(table)
+    caption = (f"{n_samples} evaluation samples ({start}..{start + n_samples - 1} of the eval split); "
+               f"L2 on the first {min(n_samples, L2_SAMPLES)}")
+    console.print(rich_table(rows, f"{result.method}: {source.name}, {result.solver} NFE {result.nfe}", caption))
+    console.print(verdict(rows))
+    if json_path is not None:
+        console.print(f"rows written to {write_json(rows, json_path)}")
     if run_id is not None:
-        import time
-
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        from ats.tracking import resolve_tracking_uri
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in run_metrics(rows, n_samples, start).items()]
-        MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri)).log_batch(run_id, metrics=metrics)
+        from ats.tracking import log_run_metrics
+        metrics = run_metrics(rows, n_samples, start)
+        log_run_metrics(run_id, tracking_uri, metrics)
         console.print(f"logged {len(metrics)} evaluate.* metrics to run {run_id}")
 
 

@@ -1,13 +1,15 @@
 """Fixed discretizations per solver and NFE, scored by distance to a reference or by FID."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .discretize import get_timesteps
-from .metrics import frechet_distance
+from .intervals import Z95, FidEstimate
+from .metrics import frechet_estimate
 from .models.sources import ModelSource
 from .solvers import nfe as count_nfe
 from .solvers import sample
@@ -18,6 +20,9 @@ class Row(NamedTuple):
     nfe: int
     discretization: str
     value: float       # mean ||x - x_ref||_2 over samples, or FID; NaN where the solver diverged
+    low: float         # 95 % interval: mean +- 1.96 standard errors, or the FID's bootstrap one
+    high: float
+    fid: FidEstimate | None = None   # the FID's bootstrap (pairs rows on the same seeds)
 
 
 def reference_solution(source: ModelSource, x: Tensor, labels: Tensor | None = None, steps: int = 1000) -> Tensor:
@@ -34,9 +39,11 @@ def steps_for_nfe(solver: str, nfe: int) -> int | None:
 
 
 def evaluate_table(source: ModelSource, x: Tensor, labels: Tensor | None, score: Tensor | Any,
-                   solvers: Iterable[str], nfes: Iterable[int], kinds: Iterable[str]) -> Iterator[Row]:
+                   solvers: Iterable[str], nfes: Iterable[int], kinds: Iterable[str],
+                   seeds: str = "") -> Iterator[Row]:
     """One row per (solver, NFE, discretization) with a valid step count. ``score`` is a
-    reference solution (rows give the mean L2 distance to it) or a Frechet metric (FID)."""
+    reference solution (rows give the mean L2 distance to it) or a Frechet metric (FID, its
+    bootstrap on the seed set named ``seeds``)."""
     model_fn = source.model_fn_for(labels)
     for solver in solvers:
         for n in nfes:
@@ -47,10 +54,12 @@ def evaluate_table(source: ModelSource, x: Tensor, labels: Tensor | None, score:
                 ts = get_timesteps(source.noise_schedule, kind, steps)
                 with torch.no_grad():
                     out = sample(model_fn, source.noise_schedule, x, ts, solver)
-                if not torch.isfinite(out).all():
-                    value = float("nan")  # the solver diverged on this schedule
+                if not torch.isfinite(out).all():   # the solver diverged on this schedule
+                    yield Row(solver, n, kind, math.nan, math.nan, math.nan)
                 elif torch.is_tensor(score):
-                    value = (out - score).flatten(1).norm(dim=1).mean().item()
+                    d = (out - score).flatten(1).norm(dim=1)
+                    half = Z95 * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else math.nan
+                    yield Row(solver, n, kind, d.mean().item(), d.mean().item() - half, d.mean().item() + half)
                 else:
-                    value = frechet_distance(score, out)
-                yield Row(solver, n, kind, value)
+                    est = frechet_estimate(score, out, seeds)
+                    yield Row(solver, n, kind, est.fid, est.low, est.high, est)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -20,8 +20,10 @@ from .baselines import steps_for_nfe
 from .discretize import KINDS, check_time_range, get_timesteps
 from .methods.common import FitResult, load_result
 from .methods.predictors import PredictorSampler
-from .metrics import frechet_distance, l2_loss
+from .intervals import FidEstimate
+from .metrics import frechet_estimate, l2_loss
 from .models.sources import ModelSource
+from .report import Row, compare, rich_table
 from .solvers import sample
 from .teacher import TeacherConfig, generate_teacher, split_seeds
 
@@ -29,10 +31,13 @@ FIXED = KINDS[:4]   # the fixed discretizations every comparison shows
 Progress = Callable[[str, int], None]   # (task, advance): "teacher" in samples, "sampling" in schedules
 
 
-class EvalRow(NamedTuple):
-    name: str
-    l2: float    # mean L2 distance to the teacher
-    fid: float   # NaN where the sampler diverged
+EVAL_SAMPLES = 20000   # default of `ats evaluate` and `ats fit` (docs/quality.md: what it resolves)
+L2_SAMPLES = 1000   # the L2 column uses the teacher targets of a split's first seeds only (NFE 20 each)
+
+
+def seed_set(split: str, n: int, start: int = 0) -> str:
+    """The name of samples start..start+n-1 of a split: FIDs on the same seed set are paired."""
+    return f"{split}:{start}+{n}"
 
 
 def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None) -> Tensor:
@@ -66,64 +71,54 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
 
 def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
                     cache: str | Path, start: int = 0, baselines: Sequence[str] = FIXED, n_train: int = 50,
-                    progress: Progress | None = None) -> list[EvalRow]:
+                    progress: Progress | None = None) -> list[Row]:
     """Every baseline, then the fit (absent for oracle schedules), on evaluation samples
-    start..start+n_eval-1: mean L2 to the teacher and FID."""
-    data = generate_teacher(source, split_seeds("eval", n_eval, start), teacher, cache, dtype=source.dtype,
-                            progress=progress and (lambda k: progress("teacher", k)))
+    start..start+n_eval-1: FID with its bootstrap, the paired change against the best baseline
+    on these seeds, and the mean L2 to the teacher on the first ``L2_SAMPLES`` of them."""
+    seeds = split_seeds("eval", n_eval, start)
+    m = min(n_eval, L2_SAMPLES)
+    targets = generate_teacher(source, seeds[:m], teacher, cache, dtype=source.dtype,
+                               progress=progress and (lambda k: progress("teacher", k))).targets
+    x, labels = source.latents(seeds, dtype=source.dtype), source.labels(seeds)
     metric = source.make_metric()
     fits = [baseline_result(source, name, result.solver, result.nfe, result.order, n_train, cache)
             for name in baselines] + ([] if is_oracle(result) else [result])
     rows = []
-    for fit in fits:
-        out = result_samples(source, fit, data.latents, data.labels)
-        fid = frechet_distance(metric, out) if torch.isfinite(out).all() else math.nan
-        rows.append(EvalRow(fit.method, l2_loss(out, data.targets).mean().item(), fid))
+    for i, fit in enumerate(fits):
+        out = result_samples(source, fit, x, labels)
+        fid = (frechet_estimate(metric, out, seed_set("eval", n_eval, start)) if torch.isfinite(out).all()
+               else FidEstimate.diverged(n_eval, seed_set("eval", n_eval, start)))
+        rows.append(Row(fit.method, result.solver, result.nfe, fid, "baseline" if i < len(baselines) else "method",
+                        l2_loss(out[:m], targets).mean().item()))
         if progress:
             progress("sampling", 1)
+    compare(rows)
     return rows
-
-
-def improvement_pct(fid: float, rows: Sequence[EvalRow]) -> float:
-    """Change of ``fid`` in % against the best (finite) baseline FID among ``rows``."""
-    best = min((r.fid for r in rows if math.isfinite(r.fid)), default=math.nan)
-    return 100 * (fid - best) / best if best > 0 else math.nan
-
-
-def comparison_table(rows: Sequence[EvalRow], n_baselines: int, title: str, versus: str = "vs best baseline"):
-    """A rich table: the first ``n_baselines`` rows are baselines, the rest fits (bold); the
-    ``versus`` column is the change in FID against the best baseline."""
-    from rich.table import Table
-    table = Table(title=title)
-    for col in ("schedule", "FID", versus, "L2 to teacher"):
-        table.add_column(col, justify="left" if col == "schedule" else "right")
-    for i, r in enumerate(rows):
-        pct = improvement_pct(r.fid, rows[:n_baselines])
-        cells = (r.name, f"{r.fid:.4f}", "" if math.isnan(pct) else f"{pct:+.1f} %", f"{r.l2:.4f}")
-        table.add_row(*(cells if i < n_baselines else (f"[bold]{c}[/bold]" for c in cells)))
-    return table
 
 
 def evaluate_result(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
                     cache: str | Path):
-    """``comparison_table`` of ``compare_on_eval`` against the fixed discretizations."""
+    """The rich table of ``compare_on_eval`` against the fixed discretizations, and its rows."""
     rows = compare_on_eval(source, result, n_eval, teacher, cache)
-    table = comparison_table(rows, len(FIXED), f"{source.name}, {result.solver} NFE {result.nfe}: "
-                                               f"{n_eval} evaluation samples", "vs best fixed")
+    caption = None
     if is_oracle(result):
-        table.caption = "per-sample schedules belong to their own seeds: see the fit's losses"
-    return table
+        caption = "per-sample schedules belong to their own seeds: see the fit's losses"
+    table = rich_table(rows, f"{source.name}, {result.solver} NFE {result.nfe}: {n_eval} evaluation samples",
+                       caption)
+    return table, rows
 
 
-def run_metrics(rows: Sequence[EvalRow], n: int, start: int) -> dict[str, float]:
-    """What ``ats evaluate`` logs to the run (the fit is the last row): ``evaluate.fid``,
-    ``evaluate.l2``, ``evaluate.vs_best_baseline_pct``, ``evaluate.fid.<baseline>``, and the
-    seeds used (``evaluate.n``, ``evaluate.start``). Non-finite values are left out."""
+def run_metrics(rows: Sequence[Row], n: int, start: int) -> dict[str, float]:
+    """What ``ats evaluate`` logs to the run (the fit is the last row): ``evaluate.fid`` with
+    ``_low``/``_high``, ``evaluate.l2``, ``evaluate.vs_best_baseline_pct`` with ``_low``/``_high``,
+    ``evaluate.fid.<baseline>``, and the seeds used (``evaluate.n``, ``evaluate.start``).
+    Non-finite values are left out."""
     *baselines, fit = rows
-    metrics = {"evaluate.fid": fit.fid, "evaluate.l2": fit.l2,
-               "evaluate.vs_best_baseline_pct": improvement_pct(fit.fid, baselines),
-               "evaluate.n": n, "evaluate.start": start,
-               **{f"evaluate.fid.{r.name}": r.fid for r in baselines}}
+    c = fit.vs_baseline
+    metrics = {"evaluate.fid": fit.fid.fid, "evaluate.fid_low": fit.fid.low, "evaluate.fid_high": fit.fid.high,
+               "evaluate.l2": fit.l2, "evaluate.vs_best_baseline_pct": c.pct,
+               "evaluate.vs_best_baseline_low": c.low, "evaluate.vs_best_baseline_high": c.high,
+               "evaluate.n": n, "evaluate.start": start, **{f"evaluate.fid.{r.name}": r.fid.fid for r in baselines}}
     return {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
 
 

@@ -13,12 +13,15 @@ never a per-image min-max rescale.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from .intervals import BOOTSTRAP, FidEstimate, bootstrap_counts, bootstrap_fids, real_statistics
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "ATS_INCEPTION_WEIGHTS"
@@ -73,16 +76,38 @@ def set_real_statistics(metric, mu: np.ndarray | Tensor, sigma: np.ndarray | Ten
     metric.real_features_num_samples = torch.tensor(n)
 
 
-def frechet_distance(metric, fake: Tensor, batch_size: int = 500) -> float:
-    """FID of ``fake`` (images in [-1, 1], or points) against the metric's real side."""
+def fake_features(metric, fake: Tensor, batch_size: int = 500) -> Tensor:
+    """The metric's features of ``fake`` (images in [-1, 1] through ``to_uint8``, or points), float64."""
     if not torch.isfinite(fake).all():
         raise ValueError("samples contain NaN or inf; the sampler diverged, so no FID is computed")
-    metric.reset()
     uses_images = not isinstance(metric.inception, Coordinates)
-    for chunk in fake.split(batch_size):
-        chunk = chunk.to(metric.device)
-        metric.update(to_uint8(chunk) if uses_images else chunk, real=False)
-    return float(metric.compute())
+    with torch.no_grad():
+        return torch.cat([metric.inception(to_uint8(c) if uses_images else c).double()
+                          for c in fake.to(metric.device).split(batch_size)])
+
+
+def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int = BOOTSTRAP) -> FidEstimate:
+    """FID of ``fake`` against the metric's real side (torchmetrics computes it from the fake
+    features' sums, as its ``update`` would) and its bootstrap replicates (``ats.intervals``).
+    ``seeds`` names the seed set, so that estimates on the same seeds can be paired."""
+    features = fake_features(metric, fake)
+    metric.reset()
+    metric.fake_features_sum += features.sum(0)
+    metric.fake_features_cov_sum += features.T @ features
+    metric.fake_features_num_samples += len(features)
+    with warnings.catch_warnings():   # the states were filled without update(), on purpose
+        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+        fid = float(metric.compute())
+    reps = np.empty(0)
+    if replicates > 0:
+        mu, cov = real_statistics(metric)
+        reps = bootstrap_fids(features, mu, cov, bootstrap_counts(len(features), replicates)).cpu().numpy()
+    return FidEstimate(fid, len(features), seeds, reps)
+
+
+def frechet_distance(metric, fake: Tensor) -> float:
+    """FID of ``fake`` (images in [-1, 1], or points) against the metric's real side, no interval."""
+    return frechet_estimate(metric, fake, replicates=0).fid
 
 
 def gmm_metric(gmm, n_reference: int = 100000, seed: int = 12345):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,14 +49,22 @@ def _lambdas(timesteps: Tensor, noise_schedule) -> Tensor:
     return noise_schedule.marginal_lambda(t).double()
 
 
-def plot_schedules(schedules: dict[str, Tensor], noise_schedule, path: str | Path, title: str | None = None) -> Path:
-    """Each method's global schedule [N+1] as lambda = log(alpha/sigma) against the step index."""
+def plot_schedules(schedules: dict[str, Tensor], noise_schedule, path: str | Path, title: str | None = None,
+                   cond: dict[str, Tensor] | None = None) -> Path:
+    """Each method's global schedule [N+1] as lambda = log(alpha/sigma) against the step index;
+    ``cond``: conditioning times where the network is called elsewhere (TimeTuner, LD3's xi),
+    drawn dotted in the same colour with open markers, so a method whose solver times equal a
+    baseline's stays visible."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    for name, ts in schedules.items():
+    for i, (name, ts) in enumerate(schedules.items()):
         lam = _lambdas(ts, noise_schedule)
-        ax.plot(range(len(lam)), lam.numpy(), marker="o", markersize=3, label=name)
+        ax.plot(range(len(lam)), lam.numpy(), marker="o", markersize=3, label=name, color=f"C{i % 10}")
+        if cond and name in cond:
+            c = _lambdas(cond[name], noise_schedule)
+            ax.plot(range(len(c)), c.numpy(), marker="o", markersize=5, linestyle=":", color=f"C{i % 10}",
+                    markerfacecolor="none", label=f"{name}: network times")
     ax.set_xlabel("step")
     ax.set_ylabel("lambda = log(alpha / sigma)")
     if title:
@@ -86,22 +96,50 @@ def plot_schedule_spread(per_sample: Tensor, noise_schedule, path: str | Path, r
     return _save_figure(fig, path)
 
 
-def plot_fid_vs_nfe(rows: dict[str, dict[int, float]], path: str | Path) -> Path:
-    """FID against NFE, one line per method, log-scale FID."""
+def plot_fid_vs_nfe(rows: Sequence, path: str | Path) -> Path:
+    """FID against NFE with 95 % error bars, one line per schedule (``ats.report.Row``s),
+    log-scale FID; methods solid, baselines dashed."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    nfes: set[int] = set()
-    for name, by_nfe in rows.items():
-        xs = sorted(by_nfe)
-        nfes.update(xs)
-        ax.plot(xs, [by_nfe[n] for n in xs], marker="o", label=name)
+    for name in dict.fromkeys(r.name for r in rows):
+        mine = sorted((r for r in rows if r.name == name), key=lambda r: r.nfe)
+        fid = np.array([r.fid.fid for r in mine])
+        err = np.array([[r.fid.fid - r.fid.low for r in mine], [r.fid.high - r.fid.fid for r in mine]])
+        ax.errorbar([r.nfe for r in mine], fid, yerr=np.clip(np.nan_to_num(err), 0, None), marker="o", capsize=3,
+                    label=name, linestyle="--" if mine[0].kind == "baseline" else "-")
     ax.set_yscale("log")
-    ax.set_xticks(sorted(nfes))
+    ax.set_xticks(sorted({r.nfe for r in rows}))
     ax.set_xlabel("NFE")
-    ax.set_ylabel("FID")
+    ax.set_ylabel("FID (95 % interval)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
+    return _save_figure(fig, path)
+
+
+def plot_fid_intervals(rows: Sequence, path: str | Path) -> Path:
+    """One NFE: each schedule's FID as a dot with its 95 % interval, best at the top; methods
+    in a second colour, the reference baseline's interval shaded across the chart."""
+    from matplotlib.figure import Figure
+    rows = sorted([r for r in rows if np.isfinite(r.fid.fid)], key=lambda r: -r.fid.fid)
+    fig = Figure(figsize=(6, 0.9 + 0.35 * len(rows)))
+    ax = fig.add_subplot()
+    ref = next((r for r in rows if r.reference == r.name), None)
+    if ref is not None:
+        ax.axvspan(ref.fid.low, ref.fid.high, color="0.85", label=f"{ref.name} (reference) 95 %")
+    for i, r in enumerate(rows):
+        color = "C1" if r.kind == "method" else "C0"
+        ax.errorbar([r.fid.fid], [i], xerr=[[r.fid.fid - r.fid.low], [r.fid.high - r.fid.fid]], fmt="o",
+                    color=color, capsize=3)
+    ax.set_yticks(range(len(rows)), [r.name + (" (baseline)" if r.kind == "baseline" else "") for r in rows])
+    if rows:
+        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: FID on {rows[0].fid.n} samples, 95 % intervals",
+                     fontsize="small")
+    ax.set_xlabel("FID")
+    ax.grid(alpha=0.3, axis="x")
+    if ref is not None:
+        ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
     return _save_figure(fig, path)
 
 

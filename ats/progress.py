@@ -25,7 +25,7 @@ class TrialTable:
         row = self.rows.setdefault(trial.trial_id, {"method": c["method"], "solver": c["solver"], "nfe": c["nfe"]})
         row["status"] = status
         if result:
-            row.update({k: result[k] for k in ("fid_valid", "fid_eval", "fit_seconds", "error") if k in result})
+            row.update({k: result[k] for k in ("fid_select", "fid_select_low", "fid_select_high", "fit_seconds", "error") if k in result})
         if self.live is None and status in ("DONE", "FAILED", "RETRYING"):
             self.console.print(self.line(trial.trial_id, row))
         self.redraw()
@@ -50,12 +50,11 @@ class TrialTable:
 
     def render(self) -> Table:
         table = Table(title="trials", expand=False)
-        for col in ("trial", "method", "solver", "NFE", "status", "phase", "step", "loss", "FID valid", "FID eval"):
-            table.add_column(col, justify="right" if col in ("NFE", "step", "loss", "FID valid", "FID eval") else "left")
+        for col in ("trial", "method", "solver", "NFE", "status", "phase", "step", "loss", "FID select"):
+            table.add_column(col, justify="right" if col in ("NFE", "step", "loss", "FID select") else "left")
         for trial_id, r in self.rows.items():
             table.add_row(trial_id, r["method"], r["solver"], str(r["nfe"]), r.get("status", ""), r.get("phase", ""),
-                          str(r.get("step", "")), _num(r.get("loss")), _num(r.get("fid_valid")),
-                          _num(r.get("fid_eval")))
+                          str(r.get("step", "")), _num(r.get("loss")), _fid(r))
         return table
 
     @staticmethod
@@ -64,8 +63,8 @@ class TrialTable:
             return f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: crashed, retrying"
         if r["status"] == "FAILED":
             return f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FAILED ({r.get('error', '')})"
-        return (f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FID valid {_num(r.get('fid_valid'))}, "
-                f"eval {_num(r.get('fid_eval'))} ({r.get('fit_seconds', math.nan):.0f} s fit)")
+        return (f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FID select {_fid(r)} "
+                f"({r.get('fit_seconds', math.nan):.0f} s fit)")
 
     def stop(self) -> None:
         if self.live is not None:
@@ -74,3 +73,11 @@ class TrialTable:
 
 def _num(v) -> str:
     return "" if v is None else f"{v:.4g}"
+
+
+def _fid(r: dict) -> str:
+    """The selection FID with its 95 % half-width."""
+    v, low, high = (r.get(k) for k in ("fid_select", "fid_select_low", "fid_select_high"))
+    if v is None:
+        return ""
+    return f"{v:.4g} ± {(high - low) / 2:.2g}" if low is not None and high is not None else f"{v:.4g}"

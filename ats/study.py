@@ -44,7 +44,7 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {          # each dataset's model opt
 }
 TOP_KEYS = ("name", "dataset", "model", "solvers", "nfes", "order", "teacher", "data", "baselines", "methods",
             "trials", "sampler", "seed", "resources", "max_failures")
-DATA_DEFAULTS = {"n_train": 50, "n_valid": 50, "n_eval": 500}
+DATA_DEFAULTS = {"n_train": 50, "n_valid": 50, "n_select": 2000, "n_eval": 5000}
 RESOURCE_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1}
 # String options with a fixed set of values (checked here so a typo fails at load, not mid-search).
 OPTION_VALUES: dict[str, tuple[str, ...]] = {
@@ -106,8 +106,9 @@ class Study:
     order: int | None
     teacher: TeacherConfig
     n_train: int
-    n_valid: int
-    n_eval: int
+    n_valid: int      # the methods' own validation (teacher loss, early stopping)
+    n_select: int     # seeds whose FID ranks the trials (the Optuna objective) and the baselines
+    n_eval: int       # held-out seeds of the final table
     baselines: tuple[str, ...]
     methods: tuple[MethodSpec, ...]
     trials: int
@@ -142,7 +143,7 @@ class Study:
             "solvers": list(self.solvers), "nfes": list(self.nfes), "order": self.order,
             "teacher": {"solver": self.teacher.solver, "nfe": self.teacher.nfe,
                         "discretization": self.teacher.discretization, "order": self.teacher.order},
-            "data": {"n_train": self.n_train, "n_valid": self.n_valid, "n_eval": self.n_eval},
+            "data": {k: getattr(self, k) for k in DATA_DEFAULTS},
             "baselines": list(self.baselines),
             "methods": {m.name: {"options": copy.deepcopy(m.options),
                                  "space": {p.name: p.to_dict() for p in m.space}} for m in self.methods},
@@ -154,7 +155,7 @@ class Study:
 
     def with_overrides(self, **fields: Any) -> Study:
         """A copy with command-line overrides, validated again. Fields: name, solvers, nfes,
-        order, baselines, methods (a subset of the study's, by name), n_train, n_valid, n_eval,
+        order, baselines, methods (a subset of the study's, by name), n_train, n_valid, n_select, n_eval,
         trials, sampler, seed, cpus_per_trial, gpus_per_trial, max_concurrent, max_failures,
         and model options (preset, guidance_scale, checkpoint, ...). None means "not given"."""
         data = self.to_dict()

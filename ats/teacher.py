@@ -26,7 +26,7 @@ from .solvers import nfe as count_nfe
 from .solvers import sample, solver_spec
 
 FORMAT_VERSION = 1
-SPLIT_OFFSETS = {"train": 0, "valid": 10_000_000, "eval": 20_000_000}
+SPLIT_OFFSETS = {"train": 0, "valid": 10_000_000, "eval": 20_000_000, "select": 30_000_000}
 SPLIT_SIZE = 10_000_000
 
 

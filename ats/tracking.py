@@ -113,6 +113,17 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def log_run_metrics(run_id: str, tracking_uri: str | None, metrics: dict[str, float]) -> None:
+    """Metrics on an existing run (``ats evaluate``), names cleaned as ``StudyTracker`` cleans them."""
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    now = int(time.time() * 1000)
+    items = [Metric(_metric_name(k), float(v), now, 0) for k, v in metrics.items()]
+    client = MlflowClient(tracking_uri=uri)
+    for chunk in _chunks(items, 1000):
+        client.log_batch(run_id, metrics=chunk)
+
+
 class StudyTracker:
     """One experiment per study (tag ``mlflow.experimentKind=custom_model_development`` so the
     MLflow 3 UI shows it as model training, not GenAI), one parent run per ``ats search``, one
@@ -179,10 +190,17 @@ class StudyTracker:
     def log_history(self, run_id: str, history: dict[str, list[float]]) -> None:
         """Loss curves: one metric per key, the step is the index."""
         now = int(time.time() * 1000)
-        self._log_metrics(run_id, [Metric(k, float(v), now, i) for k, vs in history.items() for i, v in enumerate(vs)])
+        self._log_metrics(run_id, [Metric(_metric_name(k), float(v), now, i) for k, vs in history.items()
+                                   for i, v in enumerate(vs)])
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         if status not in STATUSES:

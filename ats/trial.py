@@ -1,11 +1,12 @@
-"""One trial of a study, without Ray: fit a method (or take a baseline), score it by FID on
-the validation seeds (the search objective) and on the held-out evaluation seeds, and write
-its result folder. ``ats.tune`` runs these on Ray workers; ``ats.tracking`` logs the folders.
+"""One trial of a study, without Ray: fit a method (or take a baseline), score it by FID with
+its bootstrap interval on the selection seeds (the search objective) and on the held-out
+evaluation seeds, and write its result folder. ``ats.tune`` runs these on Ray workers; ``ats.tracking`` logs the folders.
 
 Result folder: ``result.pt`` (``ats.methods.common.load_result``), ``schedule.json`` (global
 schedules), ``per_sample.npz`` (per-sample schedules with their seeds), ``history.json``
-(loss curves), ``metrics.json``, ``schedule.png``, ``samples.pt`` (the samples of the first
-evaluation seeds) and, for image models, ``samples.png``.
+(loss curves), ``metrics.json``, ``fid.json`` (the FID estimates with their bootstrap
+replicates, per split), ``schedule.png``, ``samples.pt`` (the samples of the first seeds of
+the last split scored) and, for image models, ``samples.png``.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import torch
 from .atomic import write_atomic
 from .baselines import steps_for_nfe
 from .discretize import KINDS
-from .evaluate import baseline_result, result_samples
+from .evaluate import L2_SAMPLES, baseline_result, result_samples, seed_set
+from .intervals import FidEstimate
 from .methods.predictors import PredictorSampler
 from .methods import fit_method
-from .methods.common import FitResult, save_result, save_schedule_json
-from .metrics import frechet_distance, l2_loss
+from .methods.common import FitResult, load_result, save_result, save_schedule_json
+from .metrics import frechet_estimate, l2_loss
 from .models.sources import ModelSource, load_source
 from .solvers import sample
 from .study import Study
@@ -33,12 +35,13 @@ from .teacher import TeacherData, generate_teacher, split_seeds
 
 Progress = Callable[[dict], None]
 GRID_SAMPLES = 64
+FIDS = "fid.json"   # FidEstimate per split, with the bootstrap replicates that pair it with others
 
 
 @dataclass
 class Scored:
     result: FitResult
-    metrics: dict[str, float]   # fid_valid, l2_valid, fid_eval, l2_eval, fit_seconds
+    metrics: dict[str, float]   # fid_<split>, fid_<split>_low/_high, l2_<split>, n_<split>, fit_seconds
     samples: torch.Tensor       # the first evaluation samples (for the grid)
 
 
@@ -68,13 +71,16 @@ def check_inputs(study: Study) -> ModelSource:
     return study_source(study)
 
 
+def split_size(study: Study, split: str) -> int:
+    return {"train": study.n_train, "valid": study.n_valid, "select": study.n_select, "eval": study.n_eval}[split]
+
+
 def split_data(study: Study, source: ModelSource, split: str, cache: str | Path,
-               device: torch.device | str | None = None) -> TeacherData:
-    """Teacher data of a split (cached) on ``device``: what the fits see (train, valid) and the
-    held-out eval."""
-    n = {"train": study.n_train, "valid": study.n_valid, "eval": study.n_eval}[split]
-    return generate_teacher(source, split_seeds(split, n), study.teacher, cache, dtype=source.dtype,
-                            device=device).to(device)
+               device: torch.device | str | None = None, n: int | None = None) -> TeacherData:
+    """Teacher data of the first ``n`` samples of a split (default: all of the study's), cached,
+    on ``device``."""
+    seeds = split_seeds(split, n or split_size(study, split))
+    return generate_teacher(source, seeds, study.teacher, cache, dtype=source.dtype, device=device).to(device)
 
 
 def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, options: dict[str, Any],
@@ -98,53 +104,105 @@ def _progress_adapter(progress: Progress) -> Callable[..., None]:
     return report
 
 
+@dataclass
+class SplitScore:
+    """A fit scored on a split's seeds: FID with its bootstrap, mean L2 to the teacher on the
+    first ``L2_SAMPLES`` seeds, the first samples (for the grid), and the per-sample schedules
+    used there (predictors, oracle; None for a global schedule)."""
+    fid: FidEstimate
+    l2: float
+    samples: torch.Tensor
+    schedules: torch.Tensor | None
+
+    def metrics(self, split: str) -> dict[str, float]:
+        return {f"fid_{split}": self.fid.fid, f"fid_{split}_low": self.fid.low, f"fid_{split}_high": self.fid.high,
+                f"l2_{split}": self.l2, f"n_{split}": self.fid.n}
+
+
 def score(study: Study, source: ModelSource, result: FitResult, method_options: dict[str, Any],
-          split: str, cache: str | Path,
-          device: torch.device | str | None = None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor | None]:
-    """FID and mean L2 to the teacher on a split's seeds, the first samples (for the grid), and
-    the per-sample schedules used there (predictors, oracle; None for a global schedule).
-    Per-sample (oracle) schedules belong to their own samples: the oracle is refitted on the
-    split's samples, with the same settings, from the same starting schedule."""
-    data = split_data(study, source, split, cache, device)
+          split: str, cache: str | Path, device: torch.device | str | None = None) -> SplitScore:
+    """The fit on the seeds of ``split`` (``select``: the search objective; ``eval``: the final
+    table). Per-sample (oracle) schedules belong to their own samples: the oracle is refitted on
+    the split's samples (it needs their teacher targets), with the same settings, from the same
+    starting schedule."""
+    n = split_size(study, split)
     schedules = None
     if result.per_sample is not None:
         from .methods.oracle import fit_oracle
+        data = split_data(study, source, split, cache, device)
+        x, labels = data.latents, data.labels
         init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
         options = {k: v for k, v in method_options.items() if k not in ("ld3", "progress")}
         schedules = fit_oracle(source, data, result.solver, steps_for_nfe(result.solver, result.nfe), result.order,
                                init=init, seed=study.seed, **options).per_sample
         with torch.no_grad():
-            out = sample(source.model_fn_for(data.labels), source.noise_schedule, data.latents,
-                         schedules.to(data.latents.dtype), result.solver, order=result.order)
-    elif result.predictor is not None:
-        with torch.no_grad():
-            out, schedules = PredictorSampler(result.predictor, source, result.solver, result.order,
-                                              result.info.get("space", "lambda"))(data.latents, data.labels)
+            out = sample(source.model_fn_for(labels), source.noise_schedule, x, schedules.to(x.dtype),
+                         result.solver, order=result.order)
     else:
-        out = result_samples(source, result, data.latents, data.labels)
-    metrics = {f"fid_{split}": frechet_distance(source.make_metric(), out),
-               f"l2_{split}": l2_loss(out, data.targets).mean().item()}
-    return metrics, out[:GRID_SAMPLES], schedules
+        seeds = split_seeds(split, n)
+        x = source.latents(seeds, dtype=source.dtype, device=device)
+        labels = source.labels(seeds)
+        labels = None if labels is None else labels.to(x.device)
+        if result.predictor is not None:
+            with torch.no_grad():
+                out, schedules = PredictorSampler(result.predictor, source, result.solver, result.order,
+                                                  result.info.get("space", "lambda"))(x, labels)
+        else:
+            out = result_samples(source, result, x, labels)
+    m = min(n, L2_SAMPLES)
+    targets = split_data(study, source, split, cache, device, n=m).targets
+    return SplitScore(frechet_estimate(source.make_metric(), out, seed_set(split, n)),
+                      l2_loss(out[:m], targets).mean().item(), out[:GRID_SAMPLES], schedules)
 
 
 def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[str, Any], out: str | Path,
               cache: str | Path, progress: Progress | None = None, source: ModelSource | None = None,
-              device: torch.device | str | None = None) -> Scored:
-    """Fit, score on the validation and evaluation seeds, write the result folder ``out``.
+              device: torch.device | str | None = None, splits: tuple[str, ...] = ("select", "eval")) -> Scored:
+    """Fit, score on each of ``splits`` (``ats search`` scores a trial on ``select`` and only the
+    chosen one on ``eval``, with ``evaluate_folder``), write the result folder ``out``.
     ``device``: where the fit and the sampling run (the source's networks are moved there)."""
     source = (source or study_source(study)).to(device or "cpu")
     start = time.perf_counter()
     result = fit(study, source, method, solver, nfe, options, cache, progress, device)
-    seconds = time.perf_counter() - start
-    metrics, _, _ = score(study, source, result, options, "valid", cache, device)
-    eval_metrics, samples, schedules = score(study, source, result, options, "eval", cache, device)
-    metrics.update(eval_metrics, fit_seconds=seconds)
-    if schedules is not None:   # saved with the evaluation seeds they belong to
-        result.per_sample = schedules.detach().cpu()
-        result.seeds = torch.tensor(list(split_seeds("eval", study.n_eval)))
-    scored = Scored(_on_cpu(result), metrics, samples.cpu())
-    write_folder(scored, source, out)
+    metrics: dict[str, float] = {"fit_seconds": time.perf_counter() - start}
+    scores = {split: score(study, source, result, options, split, cache, device) for split in splits}
+    for split, s in scores.items():
+        metrics.update(s.metrics(split))
+    last = list(scores)[-1]
+    _keep_schedules(study, result, scores[last], last)
+    scored = Scored(_on_cpu(result), metrics, scores[last].samples.cpu())
+    write_folder(scored, source, out, {split: s.fid for split, s in scores.items()})
     return scored
+
+
+def evaluate_folder(study: Study, folder: str | Path, options: dict[str, Any], cache: str | Path,
+                    source: ModelSource | None = None, device: torch.device | str | None = None) -> dict[str, float]:
+    """Score the fit of a result folder on the held-out evaluation seeds and add that to the
+    folder (metrics, fid.json, samples and per-sample schedules of the evaluation seeds)."""
+    folder = Path(folder)
+    source = (source or study_source(study)).to(device or "cpu")
+    result = load_result(folder / "result.pt")
+    s = score(study, source, result, options, "eval", cache, device)
+    metrics = {**json.loads((folder / "metrics.json").read_text()), **s.metrics("eval")}
+    _keep_schedules(study, result, s, "eval")
+    fids = {**load_fids(folder), "eval": s.fid}
+    write_folder(Scored(_on_cpu(result), metrics, s.samples.cpu()), source, folder, fids)
+    return metrics
+
+
+def _keep_schedules(study: Study, result: FitResult, s: SplitScore, split: str) -> None:
+    """Per-sample schedules are saved with the seeds they belong to."""
+    if s.schedules is not None:
+        result.per_sample = s.schedules.detach().cpu()
+        result.seeds = torch.tensor(list(split_seeds(split, split_size(study, split))))
+
+
+def load_fids(folder: str | Path) -> dict[str, FidEstimate]:
+    """The FID estimates (with their bootstrap replicates) of a result folder, by split."""
+    path = Path(folder) / FIDS
+    if not path.exists():
+        return {}
+    return {k: FidEstimate.from_dict(v) for k, v in json.loads(path.read_text()).items()}
 
 
 def _on_cpu(result: FitResult) -> FitResult:
@@ -158,7 +216,8 @@ def _on_cpu(result: FitResult) -> FitResult:
     return result
 
 
-def write_folder(scored: Scored, source: ModelSource, out: str | Path) -> Path:
+def write_folder(scored: Scored, source: ModelSource, out: str | Path,
+                 fids: dict[str, FidEstimate] | None = None) -> Path:
     """The result folder of a trial or baseline (every file written, then renamed)."""
     from .plots import plot_schedule_spread, plot_schedules, save_image_grid
     out = Path(out)
@@ -167,10 +226,14 @@ def write_folder(scored: Scored, source: ModelSource, out: str | Path) -> Path:
     save_result(result, out / "result.pt")
     _json(out / "metrics.json", scored.metrics)
     _json(out / "history.json", result.history)
+    if fids:
+        _json(out / FIDS, {k: v.to_dict() for k, v in fids.items()})
     title = f"{result.method}, {result.solver} NFE {result.nfe}"
     if result.timesteps is not None:
         save_schedule_json(result, out / "schedule.json")
-        plot_schedules({result.method: result.timesteps}, source.noise_schedule, out / "schedule.png", title=title)
+        cond = {} if result.cond_timesteps is None else {result.method: result.cond_timesteps}
+        plot_schedules({result.method: result.timesteps}, source.noise_schedule, out / "schedule.png", title=title,
+                       cond=cond)
     if result.per_sample is not None:
         seeds = np.asarray(result.seeds) if result.seeds is not None else np.arange(len(result.per_sample))
         write_atomic(out / "per_sample.npz", lambda tmp: np.savez(tmp, timesteps=result.per_sample.numpy(),

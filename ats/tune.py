@@ -4,12 +4,17 @@ the driver alone writes MLflow (through ``ats.tracking``).
 A study has cells (method, solver, NFE); every cell gets ``study.trials`` trials from one
 OptunaSearch whose define-by-run space names each parameter after its cell, so the sampler
 models every cell on its own while one Tuner runs them all in parallel. The objective is
-the validation FID; the held-out evaluation FID is what the final table reports. The
-baselines (fixed discretizations, dmn, gits) are evaluated once per study, as Ray tasks.
+the FID on the selection seeds. Trials are asked for in batches of ``max_concurrent`` and the
+searcher hears of a batch only when all of it has finished, so the same study suggests the
+same trials whatever order they finish in. When every trial has finished, the best trial of
+each cell (by selection FID) is scored on the held-out evaluation seeds, which is what the
+final table reports, with 95 % intervals and paired changes (``ats.report``). The baselines
+(fixed discretizations, dmn, gits) are scored once per study on both seed sets, as Ray tasks.
 
 Study folder: ``study.yaml`` (the resolved study), ``state.json`` (tracking URI, parent run,
-Optuna storage), ``optuna.db`` (default Optuna storage), ``baselines/`` (result folders),
-``ray/trials/`` (Tune's experiment: trial results and checkpoints), ``summary.{json,md}``.
+Optuna storage, finished baselines and evaluations), ``optuna.db`` (default Optuna storage),
+``baselines/`` (result folders), ``ray/trials/`` (Tune's experiment: trial results and
+checkpoints), ``summary/`` (``summary.json``, ``summary.md``, plots).
 """
 from __future__ import annotations
 
@@ -27,27 +32,15 @@ from ray import tune
 
 from . import tracking
 from .atomic import write_atomic
+from .report import Row, compare, markdown, rich_table, verdict, write_json
 from .study import Study, load_study, write_study
 
-METRIC = "fid_valid"
+METRIC = "fid_select"
+LOGGED = ("fid_select", "fid_select_low", "fid_select_high", "l2_select", "n_select", "fit_seconds")
 EXPERIMENT = "trials"
 BOARD = "ats-progress"
 NAMESPACE = "ats"
 REPORT = "report.json"   # a finished trial's reported metrics, inside its checkpoint
-
-
-@dataclass
-class Row:
-    """One line of the final table: the best trial of a cell (by validation FID) or a baseline."""
-    method: str
-    solver: str
-    nfe: int
-    fid_valid: float
-    fid_eval: float
-    run_id: str | None
-    vs_baseline_pct: float = math.nan
-    vs_ld3_pct: float = math.nan
-    kind: str = "method"
 
 
 # --- Optuna ------------------------------------------------------------------------------
@@ -182,7 +175,7 @@ def run_trial(config: dict, study: dict, cache: str) -> None:
     options = spec.method_options(config["method"], trial_params(config))
     with tempfile.TemporaryDirectory(prefix="ats-trial-") as out:
         scored = fit_and_score(spec, config["method"], config["solver"], config["nfe"], options, out, cache,
-                               progress, device=device)
+                               progress, device=device, splits=("select",))
         metrics = {**scored.metrics, "node": ray.get_runtime_context().get_node_id(), "device": device,
                    "finished_at": time.time()}
         write_atomic(Path(out) / REPORT, lambda tmp: Path(tmp).write_text(json.dumps(metrics)))
@@ -199,15 +192,27 @@ def run_baseline(study: dict, name: str, solver: str, nfe: int, out: str, cache:
 
 
 @ray.remote
-def prepare_teacher(study: dict, cache: str) -> None:
-    """Teacher data of every split, once, before the trials that share it."""
+def evaluate_trial(study: dict, method: str, params: dict, folder: str, cache: str) -> dict[str, float]:
+    """The chosen trial of a cell on the held-out evaluation seeds (added to its result folder)."""
     from .study import study_from_dict
-    from .trial import split_data, study_source
+    from .trial import evaluate_folder
+    spec = study_from_dict(study, origin="study.yaml")
+    return evaluate_folder(spec, folder, spec.method_options(method, params), cache, device=_worker_setup(spec))
+
+
+@ray.remote
+def prepare_teacher(study: dict, cache: str) -> None:
+    """Teacher data, once, before the trials that share it: the training and validation seeds
+    the fits use, and the first seeds of the selection and evaluation sets (the L2 column)."""
+    from .evaluate import L2_SAMPLES
+    from .study import study_from_dict
+    from .trial import split_data, split_size, study_source
     spec = study_from_dict(study, origin="study.yaml")
     device = _worker_setup(spec)
     source = study_source(spec).to(device)
-    for split in ("train", "valid", "eval"):
-        split_data(spec, source, split, cache, device)
+    for split in ("train", "valid", "select", "eval"):
+        split_data(spec, source, split, cache, device, n=min(split_size(spec, split), L2_SAMPLES)
+                   if split in ("select", "eval") else None)
 
 
 # --- the driver ----------------------------------------------------------------------------------
@@ -260,8 +265,7 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         run_id, result = self._run(trial), trial.last_result
-        self.tracker.log_metrics(run_id, {k: result[k] for k in ("fid_valid", "fid_eval", "l2_valid", "l2_eval",
-                                                                  "fit_seconds") if k in result})
+        self.tracker.log_metrics(run_id, {k: result[k] for k in LOGGED if k in result})
         if trial.checkpoint is not None:
             folder = Path(trial.checkpoint.path)
             history = folder / "history.json"
@@ -274,7 +278,7 @@ class TrackingCallback(tune.Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         run_id = self._run(trial)
         error = (trial.error_file and Path(trial.error_file).read_text().strip().splitlines() or ["error"])[-1]
-        self.tracker.client.set_tag(run_id, "ats.error", error[:5000])
+        self.tracker.set_tag(run_id, "ats.error", error[:5000])
         self.tracker.finish(run_id, "FAILED")
         self._display.update(trial, "FAILED", {"error": error})
 
@@ -295,6 +299,7 @@ class SearchState:
     optuna_study: str
     parent_run_id: str | None = None
     baselines: dict[str, dict[str, float]] | None = None   # key "name/solver/nfe" -> metrics
+    evaluated: dict[str, dict] | None = None               # cell key -> the chosen trial's evaluation
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(self.__dict__, indent=2)))
@@ -348,7 +353,7 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
                                        "git_commit": tracking.git_commit() or "unknown"},
         run_id=state.parent_run_id)
     state.save(folder)
-    tracker.client.log_artifact(state.parent_run_id, str(folder / "study.yaml"))   # the resolved study
+    tracker.log_artifact(state.parent_run_id, folder / "study.yaml")   # the resolved study
     console.print(f"study [bold]{study.name}[/]: {len(study.cells())} cells x {study.trials} trials, "
                   f"{len(study.baseline_cells())} baselines; folder {folder}")
 
@@ -360,7 +365,8 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
     baselines = run_baselines(study, spec, folder, state, tracker, cache, console)
 
     grid, interrupted = run_trials(study, spec, folder, state, cache, resume, live)
-    rows = summarize(study, folder, tracker, state.parent_run_id, baselines, grid)
+    chosen = evaluate_chosen(study, spec, folder, state, tracker, cache, grid, console)
+    rows = summarize(study, folder, tracker, state.parent_run_id, baselines, chosen)
     if interrupted:   # trials stopped mid-fit: their runs are reopened by --resume
         for run in tracker.children():
             if run.info.status == "RUNNING":
@@ -394,8 +400,8 @@ def run_baselines(study: Study, spec: dict, folder: Path, state: SearchState, tr
         done[f"{name}/{solver}/{nfe}"] = {**metrics, "run_id": run_id}
         state.baselines = done
         state.save(folder)
-        console.print(f"baseline {name:>14} {solver} NFE {nfe}: FID valid {metrics['fid_valid']:.4f}, "
-                      f"eval {metrics['fid_eval']:.4f}")
+        console.print(f"baseline {name:>14} {solver} NFE {nfe}: FID select {metrics['fid_select']:.4g}, "
+                      f"eval {metrics['fid_eval']:.4g}")
     return done
 
 
@@ -413,14 +419,15 @@ def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
+        from ray.tune.search import ConcurrencyLimiter
         searcher = _searcher_class()(CellSpace(study), metric=METRIC, mode="min",
                                 storage=optuna_storage(state.optuna_storage), study_name=state.optuna_study,
                                 sampler=optuna_sampler(study.sampler, study.seed))
         callback = TrackingCallback(state.tracking_uri, study.name, state.parent_run_id, spec, live)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=study.trials * len(study.cells()),
-                                        max_concurrent_trials=study.max_concurrent),
+            tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, study.max_concurrent, batch=True),
+                                        num_samples=study.trials * len(study.cells())),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder / "ray"), verbose=0,
                                       callbacks=[callback],
                                       failure_config=tune.FailureConfig(max_failures=study.max_failures),
@@ -430,43 +437,85 @@ def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache
     return grid, finished < study.trials * len(study.cells())
 
 
-def _pct(value: float, ref: float) -> float:
-    return 100 * (value - ref) / ref if ref and math.isfinite(ref) else math.nan
-
-
-def summarize(study: Study, folder: Path, tracker, parent_id: str, baselines: dict[str, dict], grid) -> list[Row]:
-    """Best trial per cell (by validation FID) and every baseline, with the improvement in % of
-    the evaluation FID against the best baseline (by validation FID) and against the best ld3;
-    logged to each run and to the parent (metrics, summary files, plots)."""
+def evaluate_chosen(study: Study, spec: dict, folder: Path, state: SearchState, tracker, cache: Path, grid,
+                    console) -> dict[str, dict]:
+    """The best trial of every cell (lowest selection FID) scored on the held-out evaluation
+    seeds, as Ray tasks; kept in state.json, so a resumed study does not score it again.
+    Returns cell key -> {trial_id, folder, run_id, metrics}."""
     runs = {r.data.tags.get("ats.key"): r.info.run_id for r in tracker.children()}
-    trials = [r for r in grid if r.error is None and METRIC in (r.metrics or {})]
+    trials = [r for r in grid if r.error is None and METRIC in (r.metrics or {}) and r.checkpoint is not None]
+    done = dict(state.evaluated or {})
+    pending = {}
+    for method, solver, nfe in study.cells():
+        key = cell_key(method, solver, nfe)
+        mine = [r for r in trials if (r.config["method"], r.config["solver"], r.config["nfe"]) == (method, solver, nfe)]
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r.metrics[METRIC])
+        trial_id = best.metrics["trial_id"]
+        if key in done and done[key]["trial_id"] == trial_id:
+            continue
+        entry = {"trial_id": trial_id, "folder": best.checkpoint.path, "run_id": runs.get(f"trial/{trial_id}"),
+                 "method": method, "solver": solver, "nfe": nfe}
+        ref = evaluate_trial.options(num_cpus=study.cpus_per_trial, num_gpus=study.gpus_per_trial).remote(
+            spec, method, trial_params(best.config), entry["folder"], str(cache))
+        pending[ref] = (key, entry)
+    while pending:
+        ready, _ = ray.wait(list(pending))
+        key, entry = pending.pop(ready[0])
+        entry["metrics"] = ray.get(ready[0])
+        if entry["run_id"] is not None:
+            m = entry["metrics"]
+            tracker.log_metrics(entry["run_id"], {k: m[k] for k in ("fid_eval", "fid_eval_low", "fid_eval_high",
+                                                                   "l2_eval", "n_eval")})
+            tracker.set_tag(entry["run_id"], "ats.chosen", "true")
+            tracker.log_artifacts(entry["run_id"], entry["folder"], "result")
+        done[key] = entry
+        state.evaluated = done
+        state.save(folder)
+        console.print(f"chosen {entry['method']:>10} {entry['solver']} NFE {entry['nfe']} (trial {entry['trial_id']}): "
+                      f"FID eval {entry['metrics']['fid_eval']:.4g}")
+    return done
+
+
+def summarize(study: Study, folder: Path, tracker, parent_id: str, baselines: dict[str, dict],
+              chosen: dict[str, dict]) -> list[Row]:
+    """Per (solver, NFE): every baseline and each method's chosen trial on the evaluation
+    seeds, with paired changes against the baseline of lowest selection FID (chosen on other
+    seeds than it is reported on) and against LD3; logged to each run and to the parent
+    (metrics, summary files, plots)."""
+    from .trial import load_fids
     rows: list[Row] = []
-    schedules: dict[tuple[str, int], dict[str, Any]] = {}
     for solver in study.solvers:
         for nfe in study.nfes:
-            base = [Row(name, s, n, m["fid_valid"], m["fid_eval"], m.get("run_id"), kind="baseline")
-                    for key, m in baselines.items() for name, s, n in [_split_key(key)] if (s, n) == (solver, nfe)]
-            cell_rows, per_trial = list(base), []
+            cell: list[Row] = []
+            for key, m in baselines.items():
+                name, s, n = _split_key(key)
+                fids = load_fids(folder / "baselines" / f"{name}-{solver}-nfe{nfe}")
+                if (s, n) == (solver, nfe) and "eval" in fids:
+                    cell.append(Row(name, s, n, fids["eval"], "baseline", m.get("l2_eval", math.nan),
+                                    m.get("run_id"), m.get("fid_select", math.nan)))
             for method in [m.name for m in study.methods]:
-                mine = [r for r in trials if (r.config["method"], r.config["solver"], r.config["nfe"]) ==
-                        (method, solver, nfe)]
-                per_trial += [(r, runs.get(f"trial/{r.metrics['trial_id']}")) for r in mine]
-                if mine:
-                    best = min(mine, key=lambda r: r.metrics[METRIC])
-                    cell_rows.append(Row(method, solver, nfe, best.metrics[METRIC], best.metrics["fid_eval"],
-                                         runs.get(f"trial/{best.metrics['trial_id']}")))
-                    schedules[(solver, nfe)] = {**schedules.get((solver, nfe), {}), method: best.checkpoint}
-            ref_base = min(base, key=lambda r: r.fid_valid).fid_eval if base else math.nan
-            ld3 = next((r.fid_eval for r in cell_rows if r.method == "ld3" and r.kind == "method"), math.nan)
-            for row in cell_rows:
-                row.vs_baseline_pct, row.vs_ld3_pct = _pct(row.fid_eval, ref_base), _pct(row.fid_eval, ld3)
-            for r, run_id in per_trial:
-                if run_id is not None:
-                    tracker.log_metrics(run_id, {"vs_best_baseline_pct": _pct(r.metrics["fid_eval"], ref_base),
-                                                 "vs_ld3_pct": _pct(r.metrics["fid_eval"], ld3)})
-            rows += cell_rows
-    _log_summary(study, folder, tracker, parent_id, rows, schedules)
+                entry = chosen.get(cell_key(method, solver, nfe))
+                fids = load_fids(entry["folder"]) if entry else {}
+                if "eval" in fids:
+                    m = entry["metrics"]
+                    cell.append(Row(method, solver, nfe, fids["eval"], "method", m.get("l2_eval", math.nan),
+                                    entry["run_id"], m.get("fid_select", math.nan)))
+            compare(cell, by_select=True)
+            for r in cell:
+                if r.kind == "method" and r.run_id is not None:
+                    tracker.log_metrics(r.run_id, _change_metrics(r, ""))
+            rows += cell
+    _log_summary(study, folder, tracker, parent_id, rows, chosen)
     return rows
+
+
+def _change_metrics(r: Row, suffix: str) -> dict[str, float]:
+    out = {}
+    for name, c in (("vs_best_baseline", r.vs_baseline), ("vs_ld3", r.vs_ld3)):
+        out.update({f"{name}_pct{suffix}": c.pct, f"{name}_low{suffix}": c.low, f"{name}_high{suffix}": c.high})
+    return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
 def _split_key(key: str) -> tuple[str, str, int]:
@@ -474,53 +523,58 @@ def _split_key(key: str) -> tuple[str, str, int]:
     return name, solver, int(nfe)
 
 
-def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list[Row], schedules: dict) -> None:
+def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list[Row], chosen: dict) -> None:
     import torch
 
-    from .plots import plot_fid_vs_nfe, plot_schedules
+    from .plots import plot_fid_intervals, plot_fid_vs_nfe, plot_schedules
     from .trial import study_source
     out = folder / "summary"
     metrics = {}
     for r in rows:
-        key = f"{r.method}.{r.solver}.nfe{r.nfe}"
-        metrics[f"fid_eval.{key}"] = r.fid_eval
+        key = f".{r.name}.{r.solver}.nfe{r.nfe}"
+        metrics.update({f"fid_eval{key}": r.fid.fid, f"fid_eval_low{key}": r.fid.low,
+                        f"fid_eval_high{key}": r.fid.high})
         if r.kind == "method":
-            metrics[f"vs_best_baseline_pct.{key}"] = r.vs_baseline_pct
-            metrics[f"vs_ld3_pct.{key}"] = r.vs_ld3_pct
+            metrics.update(_change_metrics(r, key))
     tracker.log_metrics(parent_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
-    write_atomic(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps([r.__dict__ for r in rows],
-                                                                                    indent=2)))
-    write_atomic(out / "summary.md", lambda tmp: Path(tmp).write_text(summary_markdown(rows)))
+    write_json(rows, out / "summary.json")
+    write_atomic(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown(rows) + "\n".join(
+        verdict([r for r in rows if (r.solver, r.nfe) == cell]) for cell in _cells(rows)) + "\n"))
     for solver in study.solvers:
-        curves = {}
-        for r in rows:
-            if r.solver == solver:
-                curves.setdefault(r.method, {})[r.nfe] = r.fid_eval
-        plot_fid_vs_nfe(curves, out / f"fid_vs_nfe-{solver}.png")
+        mine = [r for r in rows if r.solver == solver]
+        if len(study.nfes) > 1:
+            plot_fid_vs_nfe(mine, out / f"fid_vs_nfe-{solver}.png")
+        else:
+            plot_fid_intervals(mine, out / f"fid-{solver}-nfe{study.nfes[0]}.png")
     ns = study_source(study).noise_schedule
-    for (solver, nfe), checkpoints in schedules.items():
-        lines = {}
-        for name in ("time_uniform", "logSNR", "time_quadratic", "edm", "dmn", "gits"):
-            path = folder / "baselines" / f"{name}-{solver}-nfe{nfe}" / "schedule.json"
-            if path.exists():
-                lines[name] = torch.tensor(json.loads(path.read_text())["timesteps"])
-        for method, ckpt in checkpoints.items():
-            path = Path(ckpt.path) / "schedule.json" if ckpt is not None else None
-            if path is not None and path.exists():
-                lines[method] = torch.tensor(json.loads(path.read_text())["timesteps"])
-        if lines:
-            plot_schedules(lines, ns, out / f"schedules-{solver}-nfe{nfe}.png", title=f"{solver}, NFE {nfe}")
-        _samples_side_by_side(study, folder, solver, nfe, checkpoints, out / f"samples-{solver}-nfe{nfe}.png")
+    for solver in study.solvers:
+        for nfe in study.nfes:
+            lines, cond = {}, {}
+            folders = {name: folder / "baselines" / f"{name}-{solver}-nfe{nfe}" for name in study.baselines}
+            folders.update({e["method"]: Path(e["folder"]) for e in chosen.values()
+                            if (e["solver"], e["nfe"]) == (solver, nfe)})
+            for name, f in folders.items():
+                if (f / "schedule.json").exists():
+                    data = json.loads((f / "schedule.json").read_text())
+                    lines[name] = torch.tensor(data["timesteps"])
+                    if data.get("cond_timesteps") is not None:
+                        cond[name] = torch.tensor(data["cond_timesteps"])
+            if lines:
+                plot_schedules(lines, ns, out / f"schedules-{solver}-nfe{nfe}.png", title=f"{solver}, NFE {nfe}",
+                               cond=cond)
+            _samples_side_by_side(folders, out / f"samples-{solver}-nfe{nfe}.png")
     tracker.log_artifacts(parent_id, out, "summary")
 
 
-def _samples_side_by_side(study: Study, folder: Path, solver: str, nfe: int, checkpoints: dict, path: Path) -> None:
-    """The first evaluation seeds under every baseline and the best trial of every method."""
+def _cells(rows: list[Row]) -> list[tuple[str, int]]:
+    return list(dict.fromkeys((r.solver, r.nfe) for r in rows))
+
+
+def _samples_side_by_side(folders: dict[str, Path], path: Path) -> None:
+    """The first evaluation seeds under every baseline and the chosen trial of every method."""
     import torch
 
     from .plots import plot_points, save_side_by_side
-    folders = {name: folder / "baselines" / f"{name}-{solver}-nfe{nfe}" for name in study.baselines}
-    folders.update({m: Path(c.path) for m, c in checkpoints.items() if c is not None})
     samples = {name: torch.load(f / "samples.pt", weights_only=True) for name, f in folders.items()
                if (f / "samples.pt").exists()}
     if not samples:
@@ -531,31 +585,13 @@ def _samples_side_by_side(study: Study, folder: Path, solver: str, nfe: int, che
         plot_points(samples, path)
 
 
-def summary_markdown(rows: list[Row]) -> str:
-    lines = ["| method | solver | NFE | FID (eval) | FID (valid) | vs best baseline | vs ld3 | MLflow run |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.method}{' (baseline)' if r.kind == 'baseline' else ''} | {r.solver} | {r.nfe} | "
-                     f"{r.fid_eval:.4f} | {r.fid_valid:.4f} | {_fmt_pct(r.vs_baseline_pct)} | "
-                     f"{_fmt_pct(r.vs_ld3_pct)} | {r.run_id or ''} |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_pct(v: float) -> str:
-    return "" if not math.isfinite(v) else f"{v:+.1f} %"
-
-
 def print_table(console, study: Study, rows: list[Row], tracker, folder: Path, interrupted: bool) -> None:
-    from rich.table import Table
-    table = Table(title=f"{study.name}: FID on {study.n_eval} held-out evaluation samples "
-                        f"(best trial per method chosen by validation FID)")
-    for col in ("method", "solver", "NFE", "FID", "vs best baseline", "vs ld3", "MLflow run"):
-        table.add_column(col, justify="left" if col in ("method", "solver", "MLflow run") else "right")
-    for r in rows:
-        table.add_row(r.method + (" (baseline)" if r.kind == "baseline" else ""), r.solver, str(r.nfe),
-                      f"{r.fid_eval:.4f}", _fmt_pct(r.vs_baseline_pct) if r.kind == "method" else "",
-                      _fmt_pct(r.vs_ld3_pct) if r.kind == "method" else "", r.run_id or "")
-    console.print(table)
+    console.print(rich_table(rows, f"{study.name}: FID on {study.n_eval} held-out evaluation samples",
+                             f"each method: its trial of lowest FID on {study.n_select} selection samples; "
+                             f"the reference baseline: the lowest FID on the selection samples", run_ids=True,
+                             select=True))
+    for cell in _cells(rows):
+        console.print(verdict([r for r in rows if (r.solver, r.nfe) == cell]))
     if interrupted:
         console.print(f"[yellow]stopped before every trial finished[/]: resume with "
                       f"`ats search --resume {folder}`")

@@ -77,7 +77,7 @@ def test_defaults_are_resolved():
     study = study_from_dict(doc)
     assert study.name == "gmm" and study.model == {"preset": "16d"}
     assert study.teacher == TeacherConfig() and study.baselines[-2:] == ("dmn", "gits")
-    assert (study.n_train, study.n_valid, study.n_eval) == (50, 50, 500)
+    assert (study.n_train, study.n_valid, study.n_select, study.n_eval) == (50, 50, 2000, 5000)
     assert (study.sampler, study.seed, study.max_failures, study.max_concurrent) == ("tpe", 0, 0, 1)
 
 
@@ -182,7 +182,7 @@ def test_digits_guidance():
 @pytest.mark.parametrize("path, value, expected", [
     # unknown keys, with a suggestion and the allowed ones
     ("nfe", [5], r"my\.yaml: nfe: unknown key \(did you mean 'nfes'\?\); allowed: name, dataset"),
-    ("data/n_trian", 3, r"data\.n_trian: unknown key \(did you mean 'n_train'\?\); allowed: n_train, n_valid, n_eval"),
+    ("data/n_trian", 3, r"data\.n_trian: unknown key \(did you mean 'n_train'\?\); allowed: n_train, n_valid, n_select, n_eval"),
     ("methods/ld3/opts", {}, r"methods\.ld3\.opts: unknown key \(did you mean 'options'\?\); allowed: options, space"),
     ("resources", {"gpus": 1}, r"resources\.gpus: unknown key \(did you mean 'gpus_per_trial'\?\)"),
     ("teacher", {"steps": 20}, r"teacher\.steps: unknown key; allowed: solver, nfe, discretization, order"),

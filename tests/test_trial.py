@@ -15,7 +15,7 @@ from ats.trial import run_trial
 
 STUDY = {"name": "t", "dataset": "gmm", "model": {"preset": "2d"}, "solvers": ["dpm_solver++"], "nfes": [4],
          "teacher": {"solver": "uni_pc", "nfe": 20, "discretization": "edm"},
-         "data": {"n_train": 16, "n_valid": 32, "n_eval": 48}, "baselines": ["time_uniform", "dmn", "gits"],
+         "data": {"n_train": 16, "n_valid": 32, "n_select": 40, "n_eval": 48}, "baselines": ["time_uniform", "dmn", "gits"],
          "methods": {"ld3": {"options": {"epochs": 2}}}, "trials": 1, "sampler": "tpe", "seed": 0}
 
 CASES = {"time_uniform": {}, "dmn": {}, "gits": {}, "ld3": {"epochs": 2},
@@ -30,8 +30,12 @@ def test_every_method_gives_a_scored_result_folder(method, tmp_path):
     scored = run_trial(study, method, "dpm_solver++", 4, CASES[method], tmp_path / "out", tmp_path / "cache",
                        progress=steps.append)
     m = scored.metrics
-    for key in ("fid_valid", "fid_eval", "l2_valid", "l2_eval"):
+    for key in ("fid_select", "fid_eval", "l2_select", "l2_eval"):
         assert math.isfinite(m[key]) and m[key] >= 0
+    for split, n in (("select", 40), ("eval", 48)):
+        assert m[f"fid_{split}_low"] <= m[f"fid_{split}"] <= m[f"fid_{split}_high"] and m[f"n_{split}"] == n
+    fids = json.loads((tmp_path / "out" / "fid.json").read_text())
+    assert fids["eval"]["seeds"] == "eval:0+48" and len(fids["eval"]["replicates"]) == 200
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"result.pt", "metrics.json", "history.json", "schedule.png"} <= files
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["fid_eval"] == m["fid_eval"]

@@ -1,0 +1,146 @@
+"""Uncertainty of a Frechet distance: a bootstrap over the generated samples, and paired
+changes between two schedules scored on the same seeds.
+
+The features of the n generated samples are extracted once. Replicate b draws n indices with
+replacement (multinomial counts ``w_b``); its FID uses the weighted mean and covariance of the
+same features against the fixed real statistics, so a replicate costs one d x d covariance
+and one eigendecomposition, no sampling. The indices depend only on n and ``BOOTSTRAP_SEED``:
+two schedules scored on the same seeds are resampled with the same indices, and
+``change_pct`` of their replicates is a paired bootstrap of the relative change.
+
+Intervals are normal ones, estimate +- 1.96 sd(replicates) (the sd of 200 replicates is
+stable to about 5 %; percentiles of 200 replicates are not). Checked on digits against
+subsets of a 40000-sample pool: the bootstrap sd matches the spread of FID over fresh seed
+sets of the same size. What they do not cover: the finite real reference set (fixed, so a
+bias common to every schedule, not noise) and FID's small-sample bias (FID falls as n grows;
+compare only at equal n, which paired comparisons are by construction).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+BOOTSTRAP = 200
+BOOTSTRAP_SEED = 20240607
+Z95 = 1.959964
+
+
+def bootstrap_counts(n: int, replicates: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> Tensor:
+    """[replicates, n] multiplicities of n draws with replacement; the same for every caller
+    with the same n, which is what makes two schedules' replicates paired."""
+    g = torch.Generator().manual_seed(seed + n)
+    idx = torch.randint(n, (replicates, n), generator=g)
+    return torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(replicates, n,
+                                                                                           dtype=torch.float64))
+
+
+def real_statistics(metric) -> tuple[Tensor, Tensor]:
+    """Mean and covariance of the real side of a torchmetrics FID (float64)."""
+    n = metric.real_features_num_samples.double()
+    mu = metric.real_features_sum.double() / n
+    cov = (metric.real_features_cov_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
+    return mu, cov
+
+
+def bootstrap_fids(features: Tensor, mu_real: Tensor, cov_real: Tensor, counts: Tensor,
+                   chunk: int = 25) -> Tensor:
+    """FID of each weighted resample of ``features`` [n, d] against (mu_real, cov_real):
+    ||mu_b - mu_r||^2 + tr C_b + tr C_r - 2 tr sqrt(C_r^1/2 C_b C_r^1/2)."""
+    f = features.double()
+    center = f.mean(0)
+    fc = f - center
+    fc32 = fc.float()   # the n x d x d products in float32 on centred features (relative error ~1e-6)
+    evals, vecs = torch.linalg.eigh(cov_real.to(f))
+    root = (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
+    n = counts.shape[1]
+    out = []
+    for w in counts.to(f).split(chunk):
+        mean_c = w @ fc / n                                             # [b, d], centred
+        cov = torch.stack([((fc32 * wi[:, None].float()).T @ fc32).double() for wi in w])
+        cov = (cov - n * mean_c[:, :, None] * mean_c[:, None, :]) / (n - 1)
+        inner = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum(-1)
+        mean = mean_c + center
+        out.append((mean - mu_real.to(f)).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1)
+                   + cov_real.to(f).trace() - 2 * inner)
+    return torch.cat(out)
+
+
+@dataclass
+class Change:
+    """Relative change (%) of a FID against a reference on the same seeds, paired 95 % interval."""
+    pct: float
+    low: float
+    high: float
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes zero."""
+        return self.low > 0 or self.high < 0
+
+    def text(self) -> str:
+        if not math.isfinite(self.pct):
+            return ""
+        return f"{self.pct:+.1f} % [{self.low:+.1f}, {self.high:+.1f}]" + (" *" if self.significant else "")
+
+
+NO_CHANGE = Change(math.nan, math.nan, math.nan)
+
+
+@dataclass
+class FidEstimate:
+    """A FID with the bootstrap replicates it came with; ``seeds`` names the seed set (split,
+    first sample, count), so only estimates on the same seeds are paired."""
+    fid: float
+    n: int
+    seeds: str
+    replicates: np.ndarray = field(repr=False)
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.replicates, ddof=1)) if len(self.replicates) > 1 else math.nan
+
+    @property
+    def low(self) -> float:
+        return max(self.fid - Z95 * self.sd, 0.0)   # a Frechet distance is never negative
+
+    @property
+    def high(self) -> float:
+        return self.fid + Z95 * self.sd
+
+    @property
+    def half_width_pct(self) -> float:
+        return 100 * Z95 * self.sd / self.fid if self.fid > 0 else math.nan
+
+    def text(self) -> str:
+        """``fid ± half-width`` to 4 significant digits."""
+        if not math.isfinite(self.fid):
+            return "diverged"
+        return f"{self.fid:.4g}" + (f" ± {Z95 * self.sd:.2g}" if math.isfinite(self.sd) else "")
+
+    def change_pct(self, reference: "FidEstimate") -> Change:
+        """100 (FID - FID_ref) / FID_ref with the paired bootstrap interval (same replicates)."""
+        if reference.seeds != self.seeds or len(reference.replicates) != len(self.replicates):
+            raise ValueError(f"a paired change needs the same seeds: {self.seeds} against {reference.seeds}")
+        if not (math.isfinite(self.fid) and math.isfinite(reference.fid) and reference.fid > 0):
+            return NO_CHANGE
+        pct = 100 * (self.fid - reference.fid) / reference.fid
+        reps = 100 * (self.replicates - reference.replicates) / reference.replicates
+        half = Z95 * float(np.std(reps, ddof=1))
+        return Change(pct, pct - half, pct + half)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fid": self.fid, "fid_low": self.low, "fid_high": self.high, "n": self.n, "seeds": self.seeds,
+                "replicates": [float(r) for r in self.replicates]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FidEstimate":
+        return cls(float(data["fid"]), int(data["n"]), data["seeds"], np.asarray(data["replicates"], dtype=float))
+
+    @classmethod
+    def diverged(cls, n: int, seeds: str) -> "FidEstimate":
+        return cls(math.nan, n, seeds, np.full(BOOTSTRAP, math.nan))

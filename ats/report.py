@@ -1,0 +1,149 @@
+"""Result tables of ``ats search``, ``ats evaluate`` and ``ats fit``: FID with its 95 % interval,
+the paired change against the best baseline (and against LD3) with its own interval, a
+verdict line, and the same rows as JSON. Rows of one table are scored on the same seeds,
+which is what makes their changes paired (``ats.intervals``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .atomic import write_atomic
+from .intervals import NO_CHANGE, Change, FidEstimate
+
+SIGNIFICANT = "*: the paired 95 % interval of the change excludes 0"
+
+
+@dataclass
+class Row:
+    """A schedule scored on a table's seeds: a baseline or a method's fit."""
+    name: str
+    solver: str
+    nfe: int
+    fid: FidEstimate
+    kind: str = "method"                 # "baseline" or "method"
+    l2: float = math.nan                 # mean L2 distance to the teacher
+    run_id: str | None = None
+    fid_select: float = math.nan         # what chose it (ats search: FID on the selection seeds)
+    vs_baseline: Change = field(default_factory=lambda: NO_CHANGE)
+    vs_ld3: Change = field(default_factory=lambda: NO_CHANGE)
+    reference: str | None = None         # the baseline vs_baseline is measured against
+
+    @property
+    def label(self) -> str:
+        return self.name + (" (baseline)" if self.kind == "baseline" else "")
+
+    def to_json(self) -> dict[str, Any]:
+        """One machine-readable row (percent changes are paired, 95 %)."""
+        out = {"name": self.name, "kind": self.kind, "solver": self.solver, "nfe": self.nfe, "fid": self.fid.fid,
+               "fid_low": self.fid.low, "fid_high": self.fid.high, "n": self.fid.n, "seeds": self.fid.seeds,
+               "l2": self.l2, "run_id": self.run_id}
+        if math.isfinite(self.fid_select):
+            out["fid_select"] = self.fid_select
+        if self.reference is not None and self.name != self.reference:
+            out.update(reference=self.reference, vs_best_baseline_pct=self.vs_baseline.pct,
+                       vs_best_baseline_low=self.vs_baseline.low, vs_best_baseline_high=self.vs_baseline.high)
+        if math.isfinite(self.vs_ld3.pct):
+            out.update(vs_ld3_pct=self.vs_ld3.pct, vs_ld3_low=self.vs_ld3.low, vs_ld3_high=self.vs_ld3.high)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def best_baseline(rows: Sequence[Row], by_select: bool = False) -> Row | None:
+    """The baseline with the lowest FID (``by_select``: the lowest selection FID, so that the
+    reference is not chosen on the seeds it is reported on)."""
+    def key(r: Row) -> float:
+        value = r.fid_select if by_select else r.fid.fid
+        return value if math.isfinite(value) else math.inf
+    base = [r for r in rows if r.kind == "baseline" and math.isfinite(r.fid.fid)]
+    return min(base, key=key) if base else None
+
+
+def compare(rows: Sequence[Row], by_select: bool = False) -> Row | None:
+    """Fill every row's paired change against the best baseline and against LD3 (the method
+    row named ``ld3``); returns the reference baseline."""
+    ref = best_baseline(rows, by_select)
+    ld3 = next((r for r in rows if r.kind == "method" and r.name == "ld3"), None)
+    for r in rows:
+        if ref is not None:
+            r.reference = ref.name
+            r.vs_baseline = NO_CHANGE if r is ref else r.fid.change_pct(ref.fid)
+        if ld3 is not None and r.kind == "method" and r is not ld3:
+            r.vs_ld3 = r.fid.change_pct(ld3.fid)
+    return ref
+
+
+def verdict(rows: Sequence[Row]) -> str:
+    """One plain line: the best method, its change against the best baseline, and whether the
+    change is significant."""
+    methods = [r for r in rows if r.kind == "method" and math.isfinite(r.fid.fid)]
+    ref = next((r.reference for r in rows if r.reference), None)
+    if not methods:
+        return f"no method finished; the best baseline is {ref}" if ref else "nothing finished"
+    best = min(methods, key=lambda r: r.fid.fid)
+    head = f"{best.solver} NFE {best.nfe}: best method {best.name}, FID {best.fid.text()}"
+    if ref is None:
+        return head
+    c = best.vs_baseline
+    if not math.isfinite(c.pct):
+        return f"{head}; no change against {ref} could be computed"
+    if c.high < 0:
+        word = "significantly better than"
+    elif c.low > 0:
+        word = "significantly worse than"
+    else:
+        word = "not significantly different from"
+    return f"{head}, {c.pct:+.1f} % [{c.low:+.1f}, {c.high:+.1f}] against {ref}: {word} the best baseline"
+
+
+def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_ids: bool = False,
+               select: bool = False):
+    """FID ± half-width, paired change against the reference (named in the header) and LD3,
+    L2 to the teacher; methods in bold, significant changes marked."""
+    from rich.table import Table
+    ref = next((r.reference for r in rows if r.reference), "best baseline")
+    table = Table(title=title, caption="\n".join(c for c in (caption, SIGNIFICANT) if c))
+    cols = ["schedule", "solver", "NFE", "FID ± 95 %", f"vs {ref} (best baseline)"]
+    if any(math.isfinite(r.vs_ld3.pct) for r in rows):
+        cols.append("vs ld3")
+    if select:
+        cols.append("FID select")
+    cols.append("L2 to teacher")
+    if run_ids:
+        cols.append("MLflow run")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("schedule", "solver", "MLflow run") else "right")
+    for r in rows:
+        cells = [r.label, r.solver, str(r.nfe), r.fid.text(), r.vs_baseline.text()]
+        if "vs ld3" in cols:
+            cells.append(r.vs_ld3.text())
+        if select:
+            cells.append(_num(r.fid_select))
+        cells.append(_num(r.l2))
+        if run_ids:
+            cells.append(r.run_id or "")
+        table.add_row(*(cells if r.kind == "baseline" else (f"[bold]{c}[/bold]" for c in cells)))
+    return table
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The table as Markdown (``summary.md``)."""
+    ref = next((r.reference for r in rows if r.reference), "best baseline")
+    lines = [f"| schedule | solver | NFE | FID ± 95 % | n | vs {ref} (best baseline) | vs ld3 | L2 to teacher | "
+             "MLflow run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.label} | {r.solver} | {r.nfe} | {r.fid.text()} | {r.fid.n} | {r.vs_baseline.text()} | "
+                     f"{r.vs_ld3.text()} | {_num(r.l2)} | {r.run_id or ''} |")
+    return "\n".join(lines + ["", SIGNIFICANT, ""])
+
+
+def write_json(rows: Sequence[Row], path: str | Path) -> Path:
+    """One object per row (``Row.to_json``), written atomically."""
+    text = json.dumps([r.to_json() for r in rows], indent=2) + "\n"
+    return write_atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _num(v: float) -> str:
+    return f"{v:.4f}" if math.isfinite(v) else ""

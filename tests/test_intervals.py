@@ -1,0 +1,105 @@
+"""FID intervals (ats.intervals) and the tables built on them (ats.report), on exact samples
+of a Gaussian mixture: the bootstrap is checked against fresh sample sets, not against itself."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ats.intervals import FidEstimate, bootstrap_counts
+from ats.metrics import frechet_estimate, gmm_metric
+from ats.models.gmm import GaussianMixture
+from ats.report import Row, compare, verdict, write_json
+
+
+@pytest.fixture(scope="module")
+def gmm():
+    return GaussianMixture.random(8, 4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def metric(gmm):
+    return gmm_metric(gmm, n_reference=20000)
+
+
+def draws(gmm, n, seed, shift=0.0):
+    return gmm.sample(n, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def test_point_estimate_is_torchmetrics_fid_and_the_unit_weights_replicate_equals_it(gmm, metric):
+    x = draws(gmm, 700, 1, 0.1)
+    est = frechet_estimate(metric, x, "s")
+    metric.reset()
+    metric.update(x, real=False)
+    assert est.fid == pytest.approx(float(metric.compute()), rel=1e-9)
+    from ats.intervals import bootstrap_fids, real_statistics
+    mu, cov = real_statistics(metric)
+    ones = bootstrap_fids(x.double(), mu, cov, torch.ones(1, 700, dtype=torch.float64))
+    assert float(ones[0]) == pytest.approx(est.fid, rel=1e-5)
+
+
+def test_bootstrap_spread_matches_fresh_sample_sets(gmm, metric):
+    """The sd of the replicates of one set is the sd of FID over 40 disjoint fresh sets."""
+    fresh = [frechet_estimate(metric, draws(gmm, 400, 100 + k, 0.15), replicates=0).fid for k in range(40)]
+    boot = [frechet_estimate(metric, draws(gmm, 400, 500 + k, 0.15)).sd for k in range(5)]
+    ratio = np.median(boot) / np.std(fresh, ddof=1)
+    assert 0.7 < ratio < 1.4, ratio
+    one = frechet_estimate(metric, draws(gmm, 400, 7, 0.15))
+    inside = np.mean([one.low - 2 * one.sd <= f <= one.high + 2 * one.sd for f in fresh])
+    assert inside > 0.9
+
+
+def test_paired_change_cancels_shared_noise_and_flags_a_real_difference(gmm, metric):
+    x = draws(gmm, 800, 3)
+    a = frechet_estimate(metric, x + 0.2, "eval:0+800")
+    same = frechet_estimate(metric, x + 0.2, "eval:0+800").change_pct(a)
+    assert same.pct == 0 and same.low == 0 and same.high == 0 and not same.significant
+    b = frechet_estimate(metric, x + 0.1, "eval:0+800")
+    change = b.change_pct(a)
+    assert change.pct < 0 and change.significant and change.low <= change.pct <= change.high
+    # paired: far narrower than the two intervals taken apart
+    unpaired = 100 * (a.high - a.low + b.high - b.low) / 2 / a.fid
+    assert change.high - change.low < unpaired
+    with pytest.raises(ValueError, match="same seeds"):
+        b.change_pct(frechet_estimate(metric, x[:400], "eval:0+400"))
+
+
+def test_bootstrap_indices_depend_only_on_n():
+    assert torch.equal(bootstrap_counts(50), bootstrap_counts(50))
+    assert (bootstrap_counts(50).sum(1) == 50).all()
+
+
+def test_estimate_round_trips_through_json(gmm, metric):
+    est = frechet_estimate(metric, draws(gmm, 300, 4, 0.1), "select:0+300")
+    back = FidEstimate.from_dict(json.loads(json.dumps(est.to_dict())))
+    assert back.fid == est.fid and back.seeds == est.seeds and np.array_equal(back.replicates, est.replicates)
+
+
+def test_table_rows_verdict_and_json(gmm, metric, tmp_path):
+    x = draws(gmm, 600, 5)
+    rows = [Row("time_uniform", "uni_pc", 5, frechet_estimate(metric, x + 0.3, "e"), "baseline"),
+            Row("logSNR", "uni_pc", 5, frechet_estimate(metric, x + 0.2, "e"), "baseline"),
+            Row("ld3", "uni_pc", 5, frechet_estimate(metric, x + 0.1, "e")),
+            Row("oneshot", "uni_pc", 5, frechet_estimate(metric, x + 0.19, "e"))]
+    ref = compare(rows)
+    assert ref.name == "logSNR" and rows[2].vs_baseline.significant and rows[2].vs_baseline.pct < 0
+    assert rows[3].vs_ld3.pct > 0 and not math.isfinite(rows[2].vs_ld3.pct)
+    line = verdict(rows)
+    assert "best method ld3" in line and "against logSNR" in line and "significantly better" in line
+    data = json.loads(write_json(rows, tmp_path / "rows.json").read_text())
+    for key in ("name", "solver", "nfe", "fid", "fid_low", "fid_high", "n"):
+        assert all(key in r for r in data)
+    ld3 = data[2]
+    assert ld3["vs_best_baseline_low"] <= ld3["vs_best_baseline_pct"] <= ld3["vs_best_baseline_high"] < 0
+    assert "vs_best_baseline_pct" not in data[1]   # the reference itself
+
+
+def test_verdict_says_when_no_method_is_better(gmm, metric):
+    """Two schedules with the same distribution (fresh draws): no significant change."""
+    rows = [Row("edm", "uni_pc", 5, frechet_estimate(metric, draws(gmm, 600, 6) + 0.1, "e"), "baseline"),
+            Row("ld3", "uni_pc", 5, frechet_estimate(metric, draws(gmm, 600, 8) + 0.1, "e"))]
+    compare(rows)
+    assert "not significantly different from the best baseline" in verdict(rows)

@@ -30,13 +30,13 @@ BOOTSTRAP_SEED = 20240607
 Z95 = 1.959964
 
 
-def bootstrap_counts(n: int, replicates: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> Tensor:
-    """[replicates, n] multiplicities of n draws with replacement; the same for every caller
-    with the same n, which is what makes two schedules' replicates paired."""
-    g = torch.Generator().manual_seed(seed + n)
+def bootstrap_counts(n: int, replicates: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED, chunk: int = 0) -> Tensor:
+    """[replicates, n] multiplicities of n draws with replacement (block ``chunk`` of a longer
+    series); the same for every caller with the same n, which makes two schedules' replicates
+    paired."""
+    g = torch.Generator().manual_seed(seed + 1_000_003 * chunk + n)
     idx = torch.randint(n, (replicates, n), generator=g)
-    return torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(replicates, n,
-                                                                                           dtype=torch.float64))
+    return torch.zeros(replicates, n, dtype=torch.float32).scatter_add_(1, idx, torch.ones(replicates, n))
 
 
 def real_statistics(metric) -> tuple[Tensor, Tensor]:
@@ -47,26 +47,28 @@ def real_statistics(metric) -> tuple[Tensor, Tensor]:
     return mu, cov
 
 
-def bootstrap_fids(features: Tensor, mu_real: Tensor, cov_real: Tensor, counts: Tensor,
-                   chunk: int = 25) -> Tensor:
-    """FID of each weighted resample of ``features`` [n, d] against (mu_real, cov_real):
-    ||mu_b - mu_r||^2 + tr C_b + tr C_r - 2 tr sqrt(C_r^1/2 C_b C_r^1/2)."""
+def bootstrap_fids(features: Tensor, mu_real: Tensor, cov_real: Tensor, replicates: int = BOOTSTRAP,
+                   seed: int = BOOTSTRAP_SEED, chunk: int = 25) -> Tensor:
+    """FID of ``replicates`` resamples of ``features`` [n, d] against (mu_real, cov_real):
+    ||mu_b - mu_r||^2 + tr C_b + tr C_r - 2 tr sqrt(C_r^1/2 C_b C_r^1/2), ``chunk`` replicates
+    at a time (their counts drawn per chunk, so memory stays ~chunk x n)."""
     f = features.double()
+    n = len(f)
     center = f.mean(0)
     fc = f - center
     fc32 = fc.float()   # the n x d x d products in float32 on centred features (relative error ~1e-6)
-    evals, vecs = torch.linalg.eigh(cov_real.to(f))
+    mu_real, cov_real = mu_real.to(f), cov_real.to(f)
+    evals, vecs = torch.linalg.eigh(cov_real)
     root = (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
-    n = counts.shape[1]
     out = []
-    for w in counts.to(f).split(chunk):
-        mean_c = w @ fc / n                                             # [b, d], centred
-        cov = torch.stack([((fc32 * wi[:, None].float()).T @ fc32).double() for wi in w])
+    for k, start in enumerate(range(0, replicates, chunk)):
+        w = bootstrap_counts(n, min(chunk, replicates - start), seed, k).to(fc32.device)
+        mean_c = (w @ fc32).double() / n                                 # [b, d], centred
+        cov = torch.stack([((fc32 * wi[:, None]).T @ fc32).double() for wi in w])
         cov = (cov - n * mean_c[:, :, None] * mean_c[:, None, :]) / (n - 1)
         inner = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum(-1)
-        mean = mean_c + center
-        out.append((mean - mu_real.to(f)).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1)
-                   + cov_real.to(f).trace() - 2 * inner)
+        out.append((mean_c + center - mu_real).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1)
+                   + cov_real.trace() - 2 * inner)
     return torch.cat(out)
 
 

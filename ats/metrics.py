@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .intervals import BOOTSTRAP, FidEstimate, bootstrap_counts, bootstrap_fids, real_statistics
+from .intervals import BOOTSTRAP, FidEstimate, bootstrap_fids, real_statistics
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "ATS_INCEPTION_WEIGHTS"
@@ -101,7 +101,7 @@ def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int = BO
     reps = np.empty(0)
     if replicates > 0:
         mu, cov = real_statistics(metric)
-        reps = bootstrap_fids(features, mu, cov, bootstrap_counts(len(features), replicates)).cpu().numpy()
+        reps = bootstrap_fids(features, mu, cov, replicates).cpu().numpy()
     return FidEstimate(fid, len(features), seeds, reps)
 
 

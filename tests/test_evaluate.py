@@ -29,7 +29,8 @@ def search(tmp_path_factory) -> dict:
     methods = {"ld3": {"options": {"epochs": 3}, "space": lr},
                "oneshot": {"options": {"epochs": 2, "ld3": {"epochs": 2}}, "space": lr},
                "oracle": {"options": {"iterations": 5, "restarts": 0, "ld3": {"epochs": 2}}, "space": lr}}
-    tiny_study(root / "tiny.yaml", trials=1, methods=methods, data={"n_train": 32, "n_valid": 16, "n_eval": N_EVAL})
+    tiny_study(root / "tiny.yaml", trials=1, methods=methods, data={"n_train": 32, "n_valid": 16, "n_select": 48,
+                                                                     "n_eval": N_EVAL})
     uri = f"sqlite:///{root / 'mlflow.db'}"
     done = ats(["search", "--study", "tiny.yaml", "--no-live", "--tracking-uri", uri], root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -48,28 +49,29 @@ def run_args(search: dict, command: str, method: str, *more: str) -> list[str]:
             *more]
 
 
-def table(output: str) -> dict[str, list[str]]:
-    """Rows of a rich table, by their first cell (bold markup already rendered away)."""
-    rows = {}
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == 4:
-            rows[cells[0]] = cells[1:]
-    return rows
+def evaluate(args: list[str], path: Path):
+    """`ats evaluate ... --json path`: the click result and the JSON rows by name."""
+    done = invoke([*args, "--json", str(path)])
+    rows = {r["name"]: r for r in json.loads(path.read_text())} if done.exit_code == 0 else {}
+    return done, rows
 
 
-def test_evaluate_a_run_on_fresh_seeds_logs_metrics(search):
-    done = invoke(run_args(search, "evaluate", "ld3", "--n", "64"))
+def test_evaluate_a_run_on_fresh_seeds_logs_metrics(search, tmp_path):
+    done, rows = evaluate(run_args(search, "evaluate", "ld3", "--n", "64"), tmp_path / "rows.json")
     assert done.exit_code == 0, done.output
-    rows = table(done.output)
     assert set(rows) == {"time_uniform", "logSNR", "ld3"}
     assert f"evaluation samples ({N_EVAL}..{2 * N_EVAL - 1} of the eval split)" in done.output
+    assert "(best baseline)" in done.output and "best method ld3" in done.output
     metrics = search["client"].get_run(search["ids"]["ld3"]).data.metrics
     assert metrics["evaluate.start"] == N_EVAL and metrics["evaluate.n"] == 64
-    assert float(rows["ld3"][0]) == pytest.approx(metrics["evaluate.fid"], abs=1e-4)
+    ld3 = rows["ld3"]
+    assert ld3["fid"] == pytest.approx(metrics["evaluate.fid"], rel=1e-9) and ld3["n"] == 64
+    assert ld3["fid_low"] == pytest.approx(metrics["evaluate.fid_low"]) and ld3["fid_low"] <= ld3["fid"]
     best = min(metrics["evaluate.fid.time_uniform"], metrics["evaluate.fid.logSNR"])
+    assert ld3["reference"] == min(("time_uniform", "logSNR"), key=lambda k: rows[k]["fid"])
     assert metrics["evaluate.vs_best_baseline_pct"] == pytest.approx(100 * (metrics["evaluate.fid"] - best) / best)
-    assert rows["ld3"][1] == f"{metrics['evaluate.vs_best_baseline_pct']:+.1f} %"
+    assert ld3["vs_best_baseline_pct"] == pytest.approx(metrics["evaluate.vs_best_baseline_pct"])
+    assert ld3["vs_best_baseline_low"] <= ld3["vs_best_baseline_pct"] <= ld3["vs_best_baseline_high"]
     # The baselines' FIDs are those of the fresh seeds (another code path), not of the study's own.
     source = load_source("gmm", dim=2, components=8)
     fresh = split_seeds("eval", 64, N_EVAL)
@@ -80,10 +82,11 @@ def test_evaluate_a_run_on_fresh_seeds_logs_metrics(search):
     assert not math.isclose(study_eval, tu.value, rel_tol=1e-6)
 
 
-def test_evaluate_a_predictor_and_refuse_the_oracle(search):
-    done = invoke(run_args(search, "evaluate", "oneshot", "--n", "32", "--baselines", "time_uniform,dmn"))
+def test_evaluate_a_predictor_and_refuse_the_oracle(search, tmp_path):
+    done, rows = evaluate(run_args(search, "evaluate", "oneshot", "--n", "32", "--baselines", "time_uniform,dmn"),
+                          tmp_path / "rows.json")
     assert done.exit_code == 0, done.output
-    assert set(table(done.output)) == {"time_uniform", "dmn", "oneshot"}
+    assert set(rows) == {"time_uniform", "dmn", "oneshot"}
     assert "evaluate.fid.dmn" in search["client"].get_run(search["ids"]["oneshot"]).data.metrics
     done = invoke(run_args(search, "evaluate", "oracle"))
     assert done.exit_code == 2 and "fitted on each of their own samples" in done.output
@@ -114,11 +117,11 @@ def test_schedule_files_match_the_run(search, tmp_path):
     its predictor's result.pt refuses a model of another shape."""
     client, ids = search["client"], search["ids"]
     schedule = client.download_artifacts(ids["ld3"], "result/schedule.json", str(tmp_path))
-    done = invoke(["evaluate", "--schedule", schedule, "--dataset", "gmm", "--preset", "2d", "--n", "64",
-                   "--start", str(N_EVAL), "--baselines", "logSNR", "--cache", search["cache"]])
+    done, rows = evaluate(["evaluate", "--schedule", schedule, "--dataset", "gmm", "--preset", "2d", "--n", "64",
+                           "--start", str(N_EVAL), "--baselines", "logSNR", "--cache", search["cache"]],
+                          tmp_path / "rows.json")
     assert done.exit_code == 0, done.output
-    assert float(table(done.output)["ld3"][0]) == pytest.approx(client.get_run(ids["ld3"]).data.metrics
-                                                                 ["evaluate.fid"], abs=1e-4)
+    assert rows["ld3"]["fid"] == pytest.approx(client.get_run(ids["ld3"]).data.metrics["evaluate.fid"], rel=1e-9)
     predictor = client.download_artifacts(ids["oneshot"], "result/result.pt", str(tmp_path / "p"))
     done = invoke(["sample", "--schedule", predictor, "--dataset", "gmm", "--preset", "16d",
                    "--out", str(tmp_path / "x.png")])
@@ -143,9 +146,9 @@ def test_digits_schedule_from_ats_fit(tmp_path):
     assert Image.open(tmp_path / "seven.png").size == (2 * (8 * 4 + 1) + 1,) * 2
     done = invoke(["sample", "--schedule", schedule, "--dataset", "digits", "--label", "7"])
     assert done.exit_code == 2 and "digits is unconditional" in done.output
-    done = invoke(["evaluate", "--schedule", schedule, "--dataset", "digits", "--n", "16",
-                   "--baselines", "edm", "--cache", cache])
-    assert done.exit_code == 0 and set(table(done.output)) == {"edm", "dmn"}, done.output
+    done, rows = evaluate(["evaluate", "--schedule", schedule, "--dataset", "digits", "--n", "16",
+                           "--baselines", "edm", "--cache", cache], tmp_path / "rows.json")
+    assert done.exit_code == 0 and set(rows) == {"edm", "dmn"}, done.output
 
 
 def test_clear_errors(search, tmp_path):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_study(path: Path, trials: int = 2, epochs: int = 3, methods: dict | None = None, **top) -> Path:
     study = {"name": "tiny", "dataset": "gmm", "model": {"preset": "2d"}, "solvers": ["dpm_solver++"],
              "nfes": [4], "teacher": {"solver": "uni_pc", "nfe": 20, "discretization": "edm"},
-             "data": {"n_train": 32, "n_valid": 64, "n_eval": 128}, "baselines": ["time_uniform", "logSNR"],
+             "data": {"n_train": 32, "n_valid": 64, "n_select": 96, "n_eval": 128}, "baselines": ["time_uniform", "logSNR"],
              "methods": methods or {"ld3": {"options": {"epochs": epochs},
                                             "space": {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}}},
              "trials": trials, "sampler": "tpe", "seed": 0,
@@ -62,7 +62,7 @@ def finished_trials(folder: Path) -> dict[str, dict]:
     out = {}
     for path in (folder / "ray" / "trials").glob("*/result.json"):
         lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if lines and "fid_valid" in lines[-1]:
+        if lines and "fid_select" in lines[-1]:
             out[lines[-1]["trial_id"]] = lines[-1]
     return out
 
@@ -123,7 +123,7 @@ def test_search_with_the_default_local_tracking_store_and_a_killed_trial(tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
     out = log.read_text()
     assert "retrying" in out, out[-3000:]
-    assert "ld3" in out and "vs best baseline" in out and "#/experiments/" in out
+    assert "ld3" in out and "(best baseline)" in out and "#/experiments/" in out and "best method ld3" in out
     folder = study_folder(tmp_path)
     assert len(finished_trials(folder)) == 2
     assert optuna_states(folder) == ["COMPLETE", "COMPLETE"]
@@ -138,17 +138,28 @@ def test_search_with_the_default_local_tracking_store_and_a_killed_trial(tmp_pat
     assert len(trials) == 2 and sorted(b.data.tags["method"] for b in baselines) == ["logSNR", "time_uniform"]
     for run in children:
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["fid_eval"] > 0 and run.data.params["solver"] == "dpm_solver++"
+        m = run.data.metrics
+        assert m["fid_select_low"] <= m["fid_select"] <= m["fid_select_high"] and m["n_select"] == 96
+        assert run.data.params["solver"] == "dpm_solver++"
         files = {f.path for f in client.list_artifacts(run.info.run_id, "result")}
-        assert {"result/schedule.json", "result/result.pt", "result/schedule.png"} <= files
+        assert {"result/schedule.json", "result/result.pt", "result/schedule.png", "result/fid.json"} <= files
     for run in trials:
-        assert "vs_best_baseline_pct" in run.data.metrics and "vs_ld3_pct" in run.data.metrics
         assert run.data.tags["method"] == "ld3" and run.data.tags["nfe"] == "4"
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= 2  # the loss curve by step
+    # only the trial of lowest selection FID is scored on the held-out seeds, with paired changes
+    (chosen,) = [r for r in trials if r.data.tags.get("ats.chosen") == "true"]
+    assert chosen.data.metrics["fid_select"] == min(r.data.metrics["fid_select"] for r in trials)
+    assert {"fid_eval", "fid_eval_low", "fid_eval_high", "vs_best_baseline_pct", "vs_best_baseline_low",
+            "vs_best_baseline_high"} <= set(chosen.data.metrics)
+    assert all(b.data.metrics["n_eval"] == 128 for b in baselines)
     summary = {f.path for f in client.list_artifacts(parent.info.run_id, "summary")}
-    assert {"summary/summary.md", "summary/schedules-dpm_solver++-nfe4.png",
-            "summary/samples-dpm_solver++-nfe4.png", "summary/fid_vs_nfe-dpm_solver++.png", "study.yaml"} <= summary | {
+    assert {"summary/summary.md", "summary/summary.json", "summary/schedules-dpm_solver++-nfe4.png",
+            "summary/samples-dpm_solver++-nfe4.png", "summary/fid-dpm_solver++-nfe4.png", "study.yaml"} <= summary | {
         f.path for f in client.list_artifacts(parent.info.run_id)}
+    rows = json.loads((folder / "summary" / "summary.json").read_text())
+    ld3 = next(r for r in rows if r["name"] == "ld3")
+    assert ld3["n"] == 128 and ld3["fid_low"] <= ld3["fid"] <= ld3["fid_high"]
+    assert ld3["vs_best_baseline_low"] <= ld3["vs_best_baseline_pct"] <= ld3["vs_best_baseline_high"]
 
 
 def test_search_against_a_tracking_server_with_a_failing_method(tmp_path, mlflow_server):
@@ -195,7 +206,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path):
     assert len(after) == 4
     for trial_id, result in before.items():   # not refitted: the result it finished with before the kill
         assert after[trial_id]["finished_at"] == result["finished_at"]
-        assert after[trial_id]["fid_eval"] == result["fid_eval"]
+        assert after[trial_id]["fid_select"] == result["fid_select"]
     client, _, (parent,), children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
     trials = [c for c in children if c.data.tags["ats.kind"] == "trial"]
     assert len(trials) == 4 and len({c.data.tags["ats.key"] for c in trials}) == 4
@@ -224,6 +235,23 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(tmp_path):
     assert len(finished_trials(folder)) == 4
     _, _, (parent,), children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert parent.info.status == "FINISHED" and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_two_runs_of_a_study_reach_the_same_table(tmp_path):
+    """4 trials, 2 at a time: the searcher hears of a batch only when all of it has finished,
+    so the second run suggests the same trials, chooses the same one and reports the same FIDs,
+    whichever trial finishes first."""
+    tables = []
+    for k in range(2):
+        cwd = tmp_path / f"run{k}"
+        cwd.mkdir()
+        tiny_study(cwd / "tiny.yaml", trials=4, epochs=3)
+        res = ats(["search", "--study", "tiny.yaml", "--no-live"], cwd)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        rows = json.loads((study_folder(cwd) / "summary" / "summary.json").read_text())
+        params = sorted(json.dumps(r["config"], sort_keys=True) for r in finished_trials(study_folder(cwd)).values())
+        tables.append(([(r["name"], r["fid"], r.get("vs_best_baseline_pct")) for r in rows], params))
+    assert tables[0] == tables[1]
 
 
 def test_search_on_a_two_node_ray_cluster(tmp_path):

@@ -53,9 +53,15 @@ def main(experiment: str = "digits") -> None:
             metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
             files = {f["path"] for f in get(base, "/api/2.0/mlflow/artifacts/list", run_id=run["info"]["run_id"],
                                             path="result").get("files", [])}
-            if run["info"]["status"] == "FINISHED":
-                assert "fid_eval" in metrics, run["info"]["run_name"]
+            if run["info"]["status"] == "FINISHED":   # every run ranked on the selection seeds
+                assert {"fid_select", "fid_select_low", "fid_select_high"} <= set(metrics), run["info"]["run_name"]
                 assert files & {"result/schedule.json", "result/per_sample.npz"}, (run["info"]["run_name"], files)
+        chosen = [r for r in children if any(t["key"] == "ats.chosen" for t in r["data"].get("tags", []))]
+        for run in chosen:   # the chosen trials: held-out FID with its interval and the paired change
+            metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+            assert {"fid_eval", "fid_eval_low", "vs_best_baseline_pct", "vs_best_baseline_low"} <= set(metrics), \
+                run["info"]["run_name"]
+        assert chosen, "no chosen trial is tagged ats.chosen"
         print(f"MLflow UI at {base}/#/experiments/{exp['experiment_id']}/runs lists {len(children)} runs of "
               f"{experiment} with FIDs and schedule artifacts")
     finally:

@@ -72,6 +72,16 @@ def bootstrap_fids(features: Tensor, mu_real: Tensor, cov_real: Tensor, replicat
     return torch.cat(out)
 
 
+def frechet_from_features(features: Tensor, mu_real: Tensor, cov_real: Tensor) -> float:
+    """The plain FID of ``features`` [n, d] against (mu_real, cov_real), float64."""
+    f = features.double()
+    mu, cov = f.mean(0), torch.cov(f.T)
+    evals, vecs = torch.linalg.eigh(cov_real.to(f))
+    root = (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
+    inner = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum()
+    return float((mu - mu_real.to(f)).square().sum() + cov.trace() + cov_real.to(f).trace() - 2 * inner)
+
+
 @dataclass
 class Change:
     """Relative change (%) of a FID against a reference on the same seeds, paired 95 % interval."""

@@ -35,8 +35,9 @@ def test_point_estimate_is_torchmetrics_fid_and_the_unit_weights_replicate_equal
     metric.reset()
     metric.update(x, real=False)
     assert est.fid == pytest.approx(float(metric.compute()), rel=1e-9)
-    from ats.intervals import bootstrap_fids, real_statistics
+    from ats.intervals import bootstrap_fids, frechet_from_features, real_statistics
     mu, cov = real_statistics(metric)
+    assert frechet_from_features(x, mu, cov) == pytest.approx(est.fid, rel=1e-6)
     reps = bootstrap_fids(x.double(), mu, cov)
     assert np.allclose(reps.numpy(), est.replicates)   # the replicates are a function of (features, n)
     assert abs(float(reps.mean()) - est.fid) < 4 * est.sd

@@ -32,7 +32,8 @@ Progress = Callable[[str, int], None]   # (task, advance): "teacher" in samples,
 
 
 EVAL_SAMPLES = 20000   # default of `ats evaluate` and `ats fit` (docs/quality.md: what it resolves)
-L2_SAMPLES = 1000   # the L2 column uses the teacher targets of a split's first seeds only (NFE 20 each)
+L2_SAMPLES = 1000
+EVAL_BATCH = 256   # samples per solver call when scoring: batches of thousands run ~2x slower per sample on a CPU   # the L2 column uses the teacher targets of a split's first seeds only (NFE 20 each)
 
 
 def seed_set(split: str, n: int, start: int = 0) -> str:
@@ -40,16 +41,30 @@ def seed_set(split: str, n: int, start: int = 0) -> str:
     return f"{split}:{start}+{n}"
 
 
-def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None) -> Tensor:
-    """The fit's samples from x_T: its predictor, else its global schedule (per-sample
-    schedules belong to their own seeds and are evaluated by the caller there)."""
+def result_samples_and_schedules(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None,
+                                 batch: int = EVAL_BATCH) -> tuple[Tensor, Tensor | None]:
+    """The fit's samples from x_T, ``batch`` at a time, and the per-sample schedules its
+    predictor chose (None for a global schedule). Per-sample oracle schedules belong to their
+    own seeds and are evaluated by the caller there."""
+    outs, schedules = [], []
     with torch.no_grad():
-        if result.predictor is not None:
-            space = result.info.get("space", "lambda")
-            return PredictorSampler(result.predictor, source, result.solver, result.order, space)(x, labels)[0]
-        return sample(source.model_fn_for(labels), source.noise_schedule, x, result.timesteps.to(x.dtype),
-                      result.solver, order=result.order,
-                      cond_timesteps=None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype))
+        for i in range(0, len(x), batch):
+            xb, lb = x[i:i + batch], None if labels is None else labels[i:i + batch]
+            if result.predictor is not None:
+                space = result.info.get("space", "lambda")
+                out, ts = PredictorSampler(result.predictor, source, result.solver, result.order, space)(xb, lb)
+                schedules.append(ts)
+            else:
+                cond = None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype)
+                out = sample(source.model_fn_for(lb), source.noise_schedule, xb, result.timesteps.to(x.dtype),
+                             result.solver, order=result.order, cond_timesteps=cond)
+            outs.append(out)
+    return torch.cat(outs), torch.cat(schedules) if schedules else None
+
+
+def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None) -> Tensor:
+    """The fit's samples from x_T: its predictor, else its global schedule."""
+    return result_samples_and_schedules(source, result, x, labels)[0]
 
 
 def is_oracle(result: FitResult) -> bool:

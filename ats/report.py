@@ -101,11 +101,13 @@ def verdict(rows: Sequence[Row]) -> str:
 def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_ids: bool = False,
                select: bool = False):
     """FID ± half-width, paired change against the reference (named in the header) and LD3,
-    L2 to the teacher; methods in bold, significant changes marked."""
+    L2 to the teacher; methods in bold, significant changes marked. Solver and NFE columns
+    only when the rows differ in them (else they belong in the title)."""
     from rich.table import Table
     ref = next((r.reference for r in rows if r.reference), "best baseline")
     table = Table(title=title, caption="\n".join(c for c in (caption, SIGNIFICANT) if c))
-    cols = ["schedule", "solver", "NFE", "FID ± 95 %", f"vs {ref} (best baseline)"]
+    cells_vary = len({(r.solver, r.nfe) for r in rows}) > 1
+    cols = ["schedule"] + (["solver", "NFE"] if cells_vary else []) + ["FID ± 95 %", f"vs {ref} (best baseline)"]
     if any(math.isfinite(r.vs_ld3.pct) for r in rows):
         cols.append("vs ld3")
     if select:
@@ -114,9 +116,10 @@ def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_
     if run_ids:
         cols.append("MLflow run")
     for col in cols:
-        table.add_column(col, justify="left" if col in ("schedule", "solver", "MLflow run") else "right")
+        table.add_column(col, justify="left" if col in ("schedule", "solver", "MLflow run") else "right",
+                         no_wrap=col in ("MLflow run", "FID ± 95 %"))
     for r in rows:
-        cells = [r.label, r.solver, str(r.nfe), r.fid.text(), r.vs_baseline.text()]
+        cells = [r.label] + ([r.solver, str(r.nfe)] if cells_vary else []) + [r.fid.text(), r.vs_baseline.text()]
         if "vs ld3" in cols:
             cells.append(r.vs_ld3.text())
         if select:

@@ -11,6 +11,7 @@ import http.client
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,7 +95,14 @@ def runs_url(uri: str, experiment_id: str) -> str:
     page = f"/#/experiments/{experiment_id}/runs"
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/") + page
-    return f"`mlflow ui --backend-store-uri {shlex.quote(uri)}`, then http://127.0.0.1:5000{page}"
+    return f"{shlex.quote(mlflow_command())} ui --backend-store-uri {shlex.quote(uri)}  then open http://127.0.0.1:5000{page}"
+
+
+def mlflow_command() -> str:
+    """The ``mlflow`` executable beside this Python (a virtual environment's, runnable without
+    activating it), else plain ``mlflow``."""
+    beside = Path(sys.executable).parent / "mlflow"
+    return str(beside) if beside.exists() and shutil.which("mlflow") != str(beside) else "mlflow"
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:

@@ -22,9 +22,8 @@ import torch
 from .atomic import write_atomic
 from .baselines import steps_for_nfe
 from .discretize import KINDS
-from .evaluate import L2_SAMPLES, baseline_result, result_samples, seed_set
+from .evaluate import L2_SAMPLES, baseline_result, is_oracle, result_samples_and_schedules, seed_set
 from .intervals import FidEstimate
-from .methods.predictors import PredictorSampler
 from .methods import fit_method
 from .methods.common import FitResult, load_result, save_result, save_schedule_json
 from .metrics import frechet_estimate, l2_loss
@@ -127,7 +126,7 @@ def score(study: Study, source: ModelSource, result: FitResult, method_options: 
     starting schedule."""
     n = split_size(study, split)
     schedules = None
-    if result.per_sample is not None:
+    if is_oracle(result):
         from .methods.oracle import fit_oracle
         data = split_data(study, source, split, cache, device)
         x, labels = data.latents, data.labels
@@ -143,12 +142,7 @@ def score(study: Study, source: ModelSource, result: FitResult, method_options: 
         x = source.latents(seeds, dtype=source.dtype, device=device)
         labels = source.labels(seeds)
         labels = None if labels is None else labels.to(x.device)
-        if result.predictor is not None:
-            with torch.no_grad():
-                out, schedules = PredictorSampler(result.predictor, source, result.solver, result.order,
-                                                  result.info.get("space", "lambda"))(x, labels)
-        else:
-            out = result_samples(source, result, x, labels)
+        out, schedules = result_samples_and_schedules(source, result, x, labels)
     m = min(n, L2_SAMPLES)
     targets = split_data(study, source, split, cache, device, n=m).targets
     return SplitScore(frechet_estimate(source.make_metric(), out, seed_set(split, n)),

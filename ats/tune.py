@@ -586,12 +586,17 @@ def _samples_side_by_side(folders: dict[str, Path], path: Path) -> None:
 
 
 def print_table(console, study: Study, rows: list[Row], tracker, folder: Path, interrupted: bool) -> None:
-    console.print(rich_table(rows, f"{study.name}: FID on {study.n_eval} held-out evaluation samples",
+    cells = _cells(rows)
+    where = f", {cells[0][0]} NFE {cells[0][1]}" if len(cells) == 1 else ""
+    console.print(rich_table(rows, f"{study.name}{where}: FID on {study.n_eval} held-out evaluation samples",
                              f"each method: its trial of lowest FID on {study.n_select} selection samples; "
-                             f"the reference baseline: the lowest FID on the selection samples", run_ids=True,
-                             select=True))
-    for cell in _cells(rows):
+                             f"reference: the baseline of lowest FID on the selection samples", select=True))
+    for cell in cells:
         console.print(verdict([r for r in rows if (r.solver, r.nfe) == cell]))
+    chosen = [f"{r.name}{'' if len(cells) == 1 else f' {r.solver} NFE {r.nfe}'} {r.run_id}" for r in rows
+              if r.kind == "method" and r.run_id]
+    if chosen:
+        console.print("MLflow runs of the chosen trials (for ats evaluate/sample/export --run): " + ", ".join(chosen))
     if interrupted:
         console.print(f"[yellow]stopped before every trial finished[/]: resume with "
                       f"`ats search --resume {folder}`")

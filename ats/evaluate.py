@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .baselines import steps_for_nfe
+from .baselines import EVAL_BATCH, steps_for_nfe
 from .discretize import KINDS, check_time_range, get_timesteps
 from .methods.common import FitResult, load_result
 from .methods.predictors import PredictorSampler
@@ -32,8 +32,7 @@ Progress = Callable[[str, int], None]   # (task, advance): "teacher" in samples,
 
 
 EVAL_SAMPLES = 20000   # default of `ats evaluate` and `ats fit` (docs/quality.md: what it resolves)
-L2_SAMPLES = 1000
-EVAL_BATCH = 256   # samples per solver call when scoring: batches of thousands run ~2x slower per sample on a CPU   # the L2 column uses the teacher targets of a split's first seeds only (NFE 20 each)
+L2_SAMPLES = 1000   # the L2 column uses the teacher targets of a split's first seeds only (NFE 20 each)
 
 
 def seed_set(split: str, n: int, start: int = 0) -> str:

@@ -6,7 +6,8 @@ DMN, GITS, LD3 (50 training samples, as published), the one-shot and delta predi
 (trained end to end on ``--n-train`` samples, starting from LD3's schedule), all evaluated
 by FID (and mean L2 to the teacher) on the evaluation seeds. The oracle is fitted on each
 evaluation sample itself: an upper bound on per-sample schedules, not a method one can
-deploy. TimeTuner is measured where its paper measures it (DDIM, NFE 10). Also: wall time
+deploy. TimeTuner is measured where its paper measures it (DDIM, NFE 10). Every FID has its 95 % bootstrap interval and every change against LD3 is
+paired (the same evaluation seeds; ``ats.intervals``). Also: wall time
 of the batched oracle against a global fit with the same iterations and batch, and the
 one-shot predictor's sampling overhead.
 
@@ -33,14 +34,16 @@ import torch
 
 from ats.atomic import write_atomic
 from ats.discretize import KINDS, get_timesteps
-from ats.evaluate import result_samples
+from ats.baselines import sample_batched
+from ats.evaluate import L2_SAMPLES, result_samples, seed_set
+from ats.intervals import Change, FidEstimate
 from ats.methods import first_n, fit_method
 from ats.methods.dmn import fit_dmn
 from ats.methods.gits import fit_gits
 from ats.methods.ld3 import Student, fit_ld3
 from ats.methods.oracle import fit_oracle
 from ats.methods.predictors import PredictorSampler, auto_width, fit_predictor
-from ats.metrics import frechet_distance, l2_loss
+from ats.metrics import frechet_estimate, l2_loss
 from ats.models.sources import GMM_PRESETS, load_source
 from ats.solvers import sample
 from ats.teacher import TeacherConfig, generate_teacher, split_seeds
@@ -61,23 +64,31 @@ def dataset_source(name: str):
     return name, load_source(name)
 
 
-def score(source, metric, out, targets) -> dict:
-    return {"fid": frechet_distance(metric, out), "l2": l2_loss(out, targets).mean().item()}
+def score(metric, out, targets, seeds: str) -> tuple[FidEstimate, dict]:
+    """FID with its bootstrap on ``seeds``, and the row: FID, its 95 % interval, n, mean L2 to
+    the teacher on the first len(targets) samples."""
+    est = frechet_estimate(metric, out, seeds)
+    return est, {"fid": est.fid, "fid_low": est.low, "fid_high": est.high, "n": est.n,
+                 "l2": l2_loss(out[:len(targets)], targets).mean().item()}
 
 
 def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
+    """Every schedule on the same ``--n-eval`` evaluation seeds (paired changes against LD3);
+    the oracle, fitted on each sample itself, on the first ``--n-oracle`` of them, against LD3
+    on those same samples."""
     cfg = TeacherConfig()
     kw = dict(config=cfg, cache=cache, dtype=source.dtype)
     train = generate_teacher(source, split_seeds("train", args.n_train), **kw)
     valid = generate_teacher(source, split_seeds("valid", 64), **kw)
-    ev = generate_teacher(source, split_seeds("eval", args.n_eval), **kw)
+    seeds = split_seeds("eval", args.n_eval)
+    x, labels = source.latents(seeds, dtype=source.dtype), source.labels(seeds)
+    targets = generate_teacher(source, seeds[:min(args.n_eval, L2_SAMPLES)], **kw).targets
     metric = source.make_metric()
-    model_fn, ns = source.model_fn_for(ev.labels), source.noise_schedule
-    rows, seconds = {}, {}
-    with torch.no_grad():
-        for kind in KINDS[:4]:
-            out = sample(model_fn, ns, ev.latents, get_timesteps(ns, kind, nfe, dtype=source.dtype), solver)
-            rows[kind] = score(source, metric, out, ev.targets)
+    ns, name = source.noise_schedule, seed_set("eval", args.n_eval)
+    rows, seconds, fids = {}, {}, {}
+    for kind in KINDS[:4]:
+        out = sample_batched(source, x, labels, get_timesteps(ns, kind, nfe, dtype=source.dtype), solver)
+        fids[kind], rows[kind] = score(metric, out, targets, name)
     fits = {}
     t = time.perf_counter()
     fits["dmn"] = fit_dmn(ns, solver, nfe)
@@ -93,17 +104,23 @@ def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
         t = time.perf_counter()
         fits[kind] = fit_predictor(kind, source, train, valid, solver, nfe, base=base, epochs=args.predictor_epochs)
         seconds[kind] = time.perf_counter() - t
-    for name, res in fits.items():
-        rows[name] = score(source, metric, result_samples(source, res, ev.latents, ev.labels), ev.targets)
+    for method, res in fits.items():
+        fids[method], rows[method] = score(metric, result_samples(source, res, x, labels), targets, name)
+    for method, row in rows.items():
+        c = fids[method].change_pct(fids["ld3"])
+        row.update(vs_ld3_pct=c.pct, vs_ld3_low=c.low, vs_ld3_high=c.high)
+    m = min(args.n_oracle, args.n_eval)
+    ev = generate_teacher(source, seeds[:m], **kw)
     t = time.perf_counter()
     oracle = fit_oracle(source, ev, solver, nfe, init=base, iterations=args.oracle_iterations, restarts=1)
     seconds["oracle"] = time.perf_counter() - t
     with torch.no_grad():
-        out = sample(model_fn, ns, ev.latents, oracle.per_sample.to(source.dtype), solver)
-    rows["oracle"] = score(source, metric, out, ev.targets)
-    ld3 = rows["ld3"]["fid"]
-    for r in rows.values():
-        r["vs_ld3_pct"] = 100 * (r["fid"] - ld3) / ld3
+        out = sample(source.model_fn_for(ev.labels), ns, ev.latents, oracle.per_sample.to(source.dtype), solver)
+    oracle_fid, rows["oracle"] = score(metric, out, ev.targets, seed_set("eval", m))
+    ld3_here = frechet_estimate(metric, result_samples(source, fits["ld3"], ev.latents, ev.labels),
+                                seed_set("eval", m))
+    c = oracle_fid.change_pct(ld3_here)
+    rows["oracle"].update(vs_ld3_pct=c.pct, vs_ld3_low=c.low, vs_ld3_high=c.high, ld3_fid_same_seeds=ld3_here.fid)
     return {"rows": rows, "fit_seconds": seconds}
 
 
@@ -205,10 +222,19 @@ def merge(previous: dict, current: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| dataset | solver | NFE | " + " | ".join(METHODS) + " |", "|---|---|---|" + "---|" * len(METHODS)]
+    """One row per (dataset, solver, NFE): FID ± 95 % and, below it, the paired change against
+    LD3 with its interval (* where it excludes 0); the oracle on its own smaller seed set."""
+    lines = ["| dataset | solver | NFE | n | " + " | ".join(METHODS) + " |", "|---|---|---|---|" + "---|" * len(METHODS)]
     for c in results["configs"]:
-        cells = [f"{c['rows'][m]['fid']:.3f} ({c['rows'][m]['vs_ld3_pct']:+.0f}%)" for m in METHODS]
-        lines.append(f"| {c['dataset']} | {c['solver']} | {c['nfe']} | " + " | ".join(cells) + " |")
+        cells = []
+        for m in METHODS:
+            r = c["rows"][m]
+            change = Change(r["vs_ld3_pct"], r["vs_ld3_low"], r["vs_ld3_high"])
+            n = f" (n={r['n']})" if r["n"] != c["rows"]["ld3"]["n"] else ""
+            cells.append(f"{r['fid']:.4g} ± {(r['fid_high'] - r['fid_low']) / 2:.2g}{n}<br>"
+                         + ("LD3" if m == "ld3" else change.text().replace(" %", "%")))
+        lines.append(f"| {c['dataset']} | {c['solver']} | {c['nfe']} | {c['rows']['ld3']['n']} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +254,9 @@ def write_tables(current: dict, began: float, out: Path) -> str:
             if k in results:
                 notes.append(f"- {k}: " + ", ".join(f"{n}={v:.4g}" if isinstance(v, float) else f"{n}={v}"
                                                      for n, v in results[k].items() if n != "args"))
-        md = "# Schedule quality (FID, % vs LD3)\n\n" + text + ("\n" + "\n".join(notes) + "\n" if notes else "")
+        md = ("# Schedule quality: FID ± 95 % interval, and the paired change against LD3 on the same seeds\n\n"
+              "`*`: the change's 95 % interval excludes 0. The oracle is fitted on each of its samples (an upper "
+              "bound) and scored on the first n of the evaluation seeds, against LD3 on those same seeds.\n\n" + text) + ("\n" + "\n".join(notes) + "\n" if notes else "")
         for name, body in (("quality.json", json.dumps(results, indent=2) + "\n"), ("quality.md", md)):
             write_atomic(out / name, lambda tmp: tmp.write_text(body))
     finally:
@@ -242,7 +270,8 @@ def main() -> None:
     p.add_argument("--solvers", default="uni_pc,dpm_solver++")
     p.add_argument("--nfes", default="3,5,7,10")
     p.add_argument("--n-train", type=int, default=256)
-    p.add_argument("--n-eval", type=int, default=500)
+    p.add_argument("--n-eval", type=int, default=20000)
+    p.add_argument("--n-oracle", type=int, default=1000, help="evaluation samples the oracle is fitted on")
     p.add_argument("--ld3-epochs", type=int, default=150)
     p.add_argument("--predictor-epochs", type=int, default=30)
     p.add_argument("--oracle-iterations", type=int, default=100)
@@ -282,15 +311,16 @@ def main() -> None:
                 write_tables(current, began, out)
         if dataset == "digits" and not args.no_extras:
             tt = fit_method("timetuner", source, "ddim", 10, options={"discretization": "time_uniform"})
-            ev = generate_teacher(source, split_seeds("eval", args.n_eval), TeacherConfig(), cache, dtype=source.dtype)
-            metric = source.make_metric()
-            with torch.no_grad():
-                untuned = sample(source.model_fn, source.noise_schedule, ev.latents, tt.timesteps.to(source.dtype),
-                                 "ddim")
-                tuned = sample(source.model_fn, source.noise_schedule, ev.latents, tt.timesteps.to(source.dtype),
-                               "ddim", cond_timesteps=tt.cond_timesteps.to(source.dtype))
-            current["timetuner_ddim10"] = {"untuned_fid": frechet_distance(metric, untuned),
-                                           "tuned_fid": frechet_distance(metric, tuned), "args": run_args}
+            x = source.latents(split_seeds("eval", args.n_eval), dtype=source.dtype)
+            metric, name = source.make_metric(), seed_set("eval", args.n_eval)
+            ts = tt.timesteps.to(source.dtype)
+            untuned = frechet_estimate(metric, sample_batched(source, x, None, ts, "ddim"), name)
+            tuned = frechet_estimate(metric, sample_batched(source, x, None, ts, "ddim",
+                                                            cond_timesteps=tt.cond_timesteps.to(source.dtype)), name)
+            c = tuned.change_pct(untuned)
+            current["timetuner_ddim10"] = {"untuned_fid": untuned.fid, "tuned_fid": tuned.fid,
+                                           "tuned_vs_untuned_pct": c.pct, "low": c.low, "high": c.high,
+                                           "n": args.n_eval, "args": run_args}
             current.update({k: {**v, "args": run_args} for k, v in speed(source, args, cache).items()})
             write_tables(current, began, out)
     text = write_tables(current, began, out)

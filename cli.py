@@ -91,7 +91,7 @@ def main() -> None:
 def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, json_path) -> None:
     """Every fixed discretization per solver and NFE, by distance to a reference or by FID,
     with 95 % intervals (the best of each row in bold)."""
-    from rich.console import Console
+    from ats.report import console as report_console
     from rich.progress import track
     from rich.table import Table
 
@@ -102,7 +102,7 @@ def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, jso
     seeds = split_seeds("eval", n_samples, seed)
     x = source.latents(seeds, dtype=source.dtype)
     labels = source.labels(seeds)
-    console = Console()
+    console = report_console()
     if metric == "l2":
         with console.status("reference solution (UniPC-3, 1000 steps)"):
             reference = reference_solution(source, x, labels)
@@ -251,7 +251,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     """Fit one method (one run, no Ray) and compare it with the fixed discretizations."""
     import json
 
-    from rich.console import Console
+    from ats.report import console as report_console
 
     from ats.methods import FitDiverged, fit_method, save_result, save_schedule_json
     from ats.teacher import TeacherConfig
@@ -266,7 +266,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
         except json.JSONDecodeError:
             options[key] = value
     out = out or Path("runs") / f"{method}-{source.name}-{solver}-nfe{nfe}"
-    console = Console()
+    console = report_console()
     teacher = TeacherConfig(teacher_solver, teacher_nfe, teacher_discretization)
     try:
         with console.status(f"fitting {method} ({solver}, NFE {nfe}) on {source.name}"):
@@ -451,7 +451,7 @@ def _fit_options(f):
 def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, start, baselines, json_path) -> None:
     """FID of a run's (or a file's) schedule or predictor against the baselines, on fresh seeds,
     with 95 % intervals and paired changes."""
-    from rich.console import Console
+    from ats.report import console as report_console
     from rich.progress import Progress
 
     from ats.evaluate import compare_on_eval, is_oracle, run_metrics
@@ -464,7 +464,7 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
                                "is the run's fid_eval metric")
     start = (study.n_eval if study else 0) if start is None else start
     names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
-    console = Console()
+    console = report_console()
     with Progress(console=console, transient=True) as bar:
         tasks = {"teacher": bar.add_task("teacher targets (L2 column)", total=min(n_samples, L2_SAMPLES)),
                  "sampling": bar.add_task(f"sampling {n_samples} per schedule", total=len(names) + 1)}

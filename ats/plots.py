@@ -138,7 +138,7 @@ def plot_fid_intervals(rows: Sequence, path: str | Path) -> Path:
     ax.set_xlabel("FID")
     ax.grid(alpha=0.3, axis="x")
     if ref is not None:
-        ax.legend(fontsize="small", loc="lower right")
+        ax.legend(fontsize="small", loc="upper right")
     fig.tight_layout()
     return _save_figure(fig, path)
 

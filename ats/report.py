@@ -51,6 +51,14 @@ class Row:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
+def console():
+    """A rich console; 160 columns when the output is not a terminal (logs, CI), so tables do not wrap."""
+    import os
+
+    from rich.console import Console
+    return Console(width=None if os.isatty(1) else 160)
+
+
 def best_baseline(rows: Sequence[Row], by_select: bool = False) -> Row | None:
     """The baseline with the lowest FID (``by_select``: the lowest selection FID, so that the
     reference is not chosen on the seeds it is reported on)."""

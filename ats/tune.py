@@ -328,8 +328,8 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
            console=None) -> tuple[list[Row], bool]:
     """Run (or, with ``resume``, finish) a study in ``folder``; returns the final table's rows
     and whether it stopped (Ctrl-C) before every trial finished."""
-    from rich.console import Console
-    console = console or Console(width=None if os.isatty(1) else 160)
+    from .report import console as report_console
+    console = console or report_console()
     folder = folder.resolve()
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own status tables off: ats draws its own
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -86,11 +86,15 @@ def fake_features(metric, fake: Tensor, batch_size: int = 500) -> Tensor:
                           for c in fake.to(metric.device).split(batch_size)])
 
 
-def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int = BOOTSTRAP) -> FidEstimate:
+def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int | None = None) -> FidEstimate:
     """FID of ``fake`` against the metric's real side (torchmetrics computes it from the fake
-    features' sums, as its ``update`` would) and its bootstrap replicates (``ats.intervals``).
-    ``seeds`` names the seed set, so that estimates on the same seeds can be paired."""
+    features' sums, as its ``update`` would) and its bootstrap replicates (``ats.intervals``;
+    default 200, or 50 for features wider than 512, where a replicate costs an n x d x d
+    product: the 2048-d InceptionV3's). ``seeds`` names the seed set, so that estimates on the
+    same seeds can be paired."""
     features = fake_features(metric, fake)
+    if replicates is None:
+        replicates = BOOTSTRAP if features.shape[1] <= 512 else BOOTSTRAP // 4
     metric.reset()
     metric.fake_features_sum += features.sum(0)
     metric.fake_features_cov_sum += features.T @ features

@@ -8,7 +8,7 @@ def table_rows(output: str) -> dict[tuple[str, int], list[float]]:
     for line in output.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
         if len(cells) > 2 and cells[1].isdigit():
-            rows[(cells[0], int(cells[1]))] = [float(c) for c in cells[2:]]
+            rows[(cells[0], int(cells[1]))] = [float(c.split(" ± ")[0]) for c in cells[2:]]   # value ± half-width
     return rows
 
 
@@ -67,12 +67,22 @@ def test_train_model_command_writes_loadable_weights(tmp_path):
     assert load_digits_unet(out).config["channels"] == [32, 64, 64]
 
 
-def test_compare_digits_by_fid():
+def test_compare_digits_by_fid(tmp_path):
     result = CliRunner().invoke(main, ["compare", "--dataset", "digits", "--metric", "fid", "--n", "64",
-                                       "--solvers", "dpm_solver++", "--nfe", "3,10", "--discretizations", "logSNR"])
+                                       "--solvers", "dpm_solver++", "--nfe", "3,10", "--discretizations",
+                                       "logSNR,time_quadratic", "--json", str(tmp_path / "rows.json")])
     assert result.exit_code == 0, result.output
     rows = table_rows(result.output)
     assert rows[("dpm_solver++", 10)][0] < rows[("dpm_solver++", 3)][0]
+    import json
+    records = json.loads((tmp_path / "rows.json").read_text())
+    assert len(records) == 4 and all(r["n"] == 64 and r["fid_low"] <= r["fid"] <= r["fid_high"] for r in records)
+    for nfe in (3, 10):   # the row's best is the reference of the other's paired change
+        pair = [r for r in records if r["nfe"] == nfe]
+        best = min(pair, key=lambda r: r["fid"])
+        other = next(r for r in pair if r is not best)
+        assert other["reference"] == best["name"] and other["vs_best_baseline_pct"] > 0
+        assert other["vs_best_baseline_low"] <= other["vs_best_baseline_pct"] <= other["vs_best_baseline_high"]
 
 
 def test_fit_writes_the_schedule_and_compares_it(tmp_path):
@@ -85,7 +95,7 @@ def test_fit_writes_the_schedule_and_compares_it(tmp_path):
     import json
     schedule = json.loads((out / "schedule.json").read_text())
     assert schedule["method"] == "ld3" and len(schedule["timesteps"]) == 5
-    assert "ld3" in result.output and "vs best fixed" in result.output
+    assert "ld3" in result.output and "(best baseline)" in result.output and "best method ld3" in result.output
     import torch
     assert torch.load(out / "result.pt", weights_only=True)["nfe"] == 4
 

@@ -29,7 +29,7 @@ def trial_window(folder: Path) -> tuple[int, float]:
     starts, ends = [], []
     for result in (folder / "ray" / "trials").glob("*/result.json"):
         lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if not lines or "fid_valid" not in lines[-1]:
+        if not lines or "fid_select" not in lines[-1]:
             continue
         last = lines[-1]
         ends.append(last["timestamp"])

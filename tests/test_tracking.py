@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -14,7 +15,9 @@ from conftest import free_port
 from ats.methods.common import FitResult, save_result
 from ats.methods.predictors import OneShotPredictor
 from ats.noise import NoiseScheduleVP
-from ats.plots import plot_fid_vs_nfe, plot_schedule_spread, plot_schedules
+from ats.intervals import FidEstimate
+from ats.plots import plot_fid_intervals, plot_fid_vs_nfe, plot_schedule_spread, plot_schedules
+from ats.report import Row, compare
 from ats.tracking import (StudyTracker, TrackingError, check_reachable, load_result, resolve_tracking_uri,
                           runs_url)
 
@@ -113,10 +116,16 @@ def test_plots_write_pngs(tmp_path):
     ns = NoiseScheduleVP("linear")
     ts = torch.linspace(1., 1e-3, 6)
     per_sample = (ts + 0.01 * torch.rand(16, 6)).clamp(1e-3, 1.)
-    paths = [plot_schedules({"logSNR": ts, "ld3": ts ** 2}, ns, tmp_path / "a.png", title="NFE 5"),
+    def row(name, nfe, fid, kind="method"):
+        return Row(name, "uni_pc", nfe, FidEstimate(fid, 100, "e", fid * (1 + 0.05 * np.random.randn(200))), kind)
+    rows = [row("ld3", 3, 20.), row("ld3", 5, 8.), *(row("logSNR", n, f, "baseline") for n, f in ((3, 40.), (5, 12.)))]
+    compare([r for r in rows if r.nfe == 5])
+    paths = [plot_schedules({"logSNR": ts, "ld3": ts ** 2}, ns, tmp_path / "a.png", title="NFE 5",
+                            cond={"ld3": ts ** 2 * 0.9}),
              plot_schedule_spread(per_sample, ns, tmp_path / "b.png", reference=ts),
-             plot_fid_vs_nfe({"ld3": {3: 20., 5: 8.}, "logSNR": {3: 40., 5: 12., 10: 4.}}, tmp_path / "c.png")]
+             plot_fid_vs_nfe(rows, tmp_path / "c.png"),
+             plot_fid_intervals([r for r in rows if r.nfe == 5], tmp_path / "d.png")]
     for path in paths:
         with Image.open(path) as image:
             assert image.format == "PNG" and image.size[0] > 100
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "d.png"]

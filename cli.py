@@ -439,8 +439,9 @@ def _fit_options(f):
 
 @main.command()
 @_fit_options
-@click.option("--n", "n_samples", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2),
-              help="Evaluation samples (fresh seeds); the FID interval narrows like 1/sqrt(n).")
+@click.option("--n", "n_samples", default=None, type=click.IntRange(2),
+              help=f"Evaluation samples (fresh seeds); default: the study's n_eval (--run), {EVAL_SAMPLES} "
+                   "(--schedule). The FID interval narrows like 1/sqrt(n).")
 @click.option("--start", default=None, type=click.IntRange(0),
               help="First evaluation sample; default: just past the study's evaluation seeds (--run), 0 (--schedule: "
                    "the seeds `ats fit` compared on).")
@@ -463,6 +464,7 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
                                "fresh seeds (that takes a new oracle fit); their FID on the seeds they belong to "
                                "is the run's fid_eval metric")
     start = (study.n_eval if study else 0) if start is None else start
+    n_samples = n_samples or (study.n_eval if study else EVAL_SAMPLES)
     names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
     console = report_console()
     with Progress(console=console, transient=True) as bar:

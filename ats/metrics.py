@@ -99,6 +99,7 @@ def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int | No
     metric.fake_features_sum += features.sum(0)
     metric.fake_features_cov_sum += features.T @ features
     metric.fake_features_num_samples += len(features)
+    metric.orig_dtype = features.dtype   # what update() would record; a metric whose real side came from a .npz lacks it
     with warnings.catch_warnings():   # the states were filled without update(), on purpose
         warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
         fid = float(metric.compute())

@@ -246,8 +246,10 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/<method>-<dataset>-<solver>-nfe<N>).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the closing comparison's rows (FID, 95 % interval, paired change) as JSON.")
 def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_solver, teacher_nfe,
-        teacher_discretization, raw_options, seed, cache, out) -> None:
+        teacher_discretization, raw_options, seed, cache, out, json_path) -> None:
     """Fit one method (one run, no Ray) and compare it with the fixed discretizations."""
     import json
 
@@ -289,10 +291,12 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
         console.print(f"interrupted: the best state so far is saved to {out}")
         return
     from ats.evaluate import evaluate_result
-    from ats.report import verdict
+    from ats.report import verdict, write_json
     table, rows = evaluate_result(source, result, n_eval, teacher, cache)
     console.print(table)
     console.print(verdict(rows))
+    if json_path is not None:
+        console.print(f"rows written to {write_json(rows, json_path)}")
     console.print(f"saved to {out}")
 
 

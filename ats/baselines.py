@@ -11,7 +11,7 @@ from .discretize import get_timesteps
 from .intervals import Z95, FidEstimate
 from .metrics import frechet_estimate
 from .models.sources import ModelSource
-from .solvers import nfe as count_nfe
+from .solvers import steps_for_nfe
 from .solvers import sample
 
 
@@ -45,12 +45,6 @@ def sample_batched(source: ModelSource, x: Tensor, labels: Tensor | None, timest
             outs.append(sample(source.model_fn_for(lb), source.noise_schedule, x[i:i + batch], timesteps, solver,
                                **options))
     return torch.cat(outs)
-
-
-def steps_for_nfe(solver: str, nfe: int) -> int | None:
-    """Number of steps with exactly ``nfe`` network calls, or None (Heun needs odd NFE)."""
-    steps = (nfe + 1) // 2 if solver == "heun" else nfe
-    return steps if steps >= 1 and count_nfe(solver, steps) == nfe else None
 
 
 def evaluate_table(source: ModelSource, x: Tensor, labels: Tensor | None, score: Tensor | Any,

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .baselines import EVAL_BATCH, steps_for_nfe
+from .baselines import EVAL_BATCH
+from .solvers import steps_for_nfe
 from .discretize import KINDS, check_time_range, get_timesteps
 from .methods.common import FitResult, load_result
 from .methods.predictors import PredictorSampler
@@ -77,7 +78,7 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
     fits them (GITS on the first ``n_train`` training seeds)."""
     if name in KINDS:
         steps = steps_for_nfe(solver, nfe)
-        return FitResult(name, solver, order, nfe, timesteps=get_timesteps(source.noise_schedule, name, steps,
+        return FitResult(name, solver, order, steps, timesteps=get_timesteps(source.noise_schedule, name, steps,
                                                                              dtype=source.dtype))
     from .methods import fit_method
     return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
@@ -144,8 +145,7 @@ def load_schedule_file(path: str | Path) -> FitResult:
         if "timesteps" not in data:
             raise ValueError(f"{path} holds no global schedule ('timesteps'); give the fit's result.pt")
         times = {k: torch.tensor(data[k], dtype=torch.float64) for k in ("timesteps", "cond_timesteps") if k in data}
-        return FitResult(data["method"], data["solver"], data.get("order"), data["nfe"], **times,
-                         info=data.get("info", {}))
+        return FitResult.from_dict({**data, "info": data.get("info", {})}, **times)
     return load_result(path)
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, NoReturn
 import yaml
 
 from .atomic import write_atomic
-from .baselines import steps_for_nfe
+from .solvers import steps_for_nfe
 from .discretize import KINDS
 from .methods import METHODS
 from .methods.dmn import SOLVERS as DMN_SOLVERS

@@ -22,7 +22,7 @@ from torch import Tensor
 from .atomic import write_atomic
 from .discretize import get_timesteps
 from .models.sources import ModelSource
-from .solvers import nfe as count_nfe
+from .solvers import steps_for_nfe
 from .solvers import sample, solver_spec
 
 FORMAT_VERSION = 1
@@ -49,8 +49,8 @@ class TeacherConfig:
 
     def timesteps(self, source: ModelSource) -> Tensor:
         spec, _ = solver_spec(self.solver, self.order)
-        steps = (self.nfe + 1) // 2 if self.solver == "heun" else self.nfe
-        if steps < 1 or count_nfe(self.solver, steps) != self.nfe:
+        steps = steps_for_nfe(self.solver, self.nfe)
+        if steps is None:
             raise ValueError(f"solver {self.solver} cannot spend exactly {self.nfe} network calls")
         return get_timesteps(source.noise_schedule, self.discretization, steps)
 

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from .atomic import write_atomic
-from .baselines import steps_for_nfe
 from .discretize import KINDS
 from .evaluate import L2_SAMPLES, baseline_result, is_oracle, result_samples_and_schedules, seed_set
 from .intervals import FidEstimate
@@ -132,7 +131,7 @@ def score(study: Study, source: ModelSource, result: FitResult, method_options: 
         x, labels = data.latents, data.labels
         init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
         options = {k: v for k, v in method_options.items() if k not in ("ld3", "progress")}
-        schedules = fit_oracle(source, data, result.solver, steps_for_nfe(result.solver, result.nfe), result.order,
+        schedules = fit_oracle(source, data, result.solver, result.steps, result.order,
                                init=init, seed=study.seed, **options).per_sample
         with torch.no_grad():
             out = sample(source.model_fn_for(labels), source.noise_schedule, x, schedules.to(x.dtype),

@@ -97,7 +97,23 @@ def test_fit_writes_the_schedule_and_compares_it(tmp_path):
     assert schedule["method"] == "ld3" and len(schedule["timesteps"]) == 5
     assert "ld3" in result.output and "(best baseline)" in result.output and "best method ld3" in result.output
     import torch
-    assert torch.load(out / "result.pt", weights_only=True)["nfe"] == 4
+    assert torch.load(out / "result.pt", weights_only=True)["steps"] == 4
+
+
+def test_fit_with_heun_compares_at_the_same_network_calls(tmp_path):
+    """Heun at NFE 5 is 3 steps; the fit and the baselines it is compared with are at NFE 5."""
+    import json
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["fit", "--method", "ld3", "--dataset", "gmm", "--preset", "2d", "--solver",
+                                       "heun", "--nfe", "5", "--n-train", "16", "--n-valid", "16", "--n-eval", "64",
+                                       "--option", "epochs=2", "--cache", str(tmp_path / "cache"), "--out", str(out),
+                                       "--json", str(tmp_path / "rows.json")])
+    assert result.exit_code == 0, result.output
+    schedule = json.loads((out / "schedule.json").read_text())
+    assert (schedule["nfe"], schedule["steps"], len(schedule["timesteps"])) == (5, 3, 4)
+    assert "heun NFE 5" in result.output
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {r["nfe"] for r in rows} == {5} and {r["name"] for r in rows} >= {"ld3", "time_uniform"}
 
 
 def test_fit_bad_option_and_method():

@@ -194,3 +194,12 @@ def test_torch_export_runs_without_ats(tmp_path, kind, guidance):
     assert (got["times"] - times).abs().max() < 1e-6 and (got["x0"] - x0).abs().max() < 3e-4
     if kind == "oneshot":
         assert torch.allclose(got["schedule"], times, atol=1e-6)
+
+
+def test_a_heun_schedule_exports_its_network_calls(digits):
+    """3 Heun steps are NFE 5: the export says so and keeps the 4 times."""
+    source = digits[0]
+    export = diffusers_schedule(FitResult("ld3", "heun", None, 3, timesteps=TIMES[[0, 2, 4, 5]]),
+                                source.noise_schedule)
+    assert (export["nfe"], export["order"], len(export["sigmas"])) == (5, 2, 4)
+    assert any("no diffusers scheduler runs heun" in note for note in export["notes"])

@@ -60,3 +60,35 @@ def test_a_trial_on_cuda_scores_like_on_the_cpu(method, tmp_path):
                     device="cuda")
     assert load_result(tmp_path / "gpu" / "result.pt").method == method   # saved on the CPU, loads anywhere
     assert gpu.metrics["fid_eval"] == pytest.approx(cpu.metrics["fid_eval"], rel=0.05)
+
+
+@pytest.mark.parametrize("method", [m for m in CASES if m != "dmn"])   # DMN's bound is for multistep solvers
+def test_heun_runs_through_every_method_at_its_network_calls(method, tmp_path):
+    """Heun's N steps cost 2N - 1 calls: at NFE 5 every method fits 3 steps, and the result
+    says NFE 5 (steps 3), whichever method made it."""
+    study = study_from_dict({**STUDY, "solvers": ["heun"], "nfes": [5], "baselines": ["time_uniform"]})
+    scored = run_trial(study, method, "heun", 5, CASES[method], tmp_path / "out", tmp_path / "cache")
+    loaded = load_result(tmp_path / "out" / "result.pt")
+    assert (loaded.steps, loaded.nfe, loaded.order) == (3, 5, 2)
+    assert math.isfinite(scored.metrics["fid_eval"])
+    if loaded.timesteps is not None:
+        data = json.loads((tmp_path / "out" / "schedule.json").read_text())
+        assert (data["steps"], data["nfe"], len(data["timesteps"])) == (3, 5, 4)
+    else:
+        assert np.load(tmp_path / "out" / "per_sample.npz")["timesteps"].shape == (48, 4)
+
+
+def test_results_written_before_steps_load_with_the_right_nfe(tmp_path):
+    """Old files stored ``nfe``: the steps for ld3, the oracle and the predictors, the network
+    calls for the others; both load as the same 3 Heun steps (NFE 5)."""
+    from ats.evaluate import load_schedule_file
+    ts = torch.linspace(1., 1e-3, 4).tolist()
+    for method, old_nfe in (("ld3", 3), ("gits", 5), ("time_uniform", 5)):
+        path = tmp_path / f"{method}.json"
+        path.write_text(json.dumps({"method": method, "solver": "heun", "order": None, "nfe": old_nfe,
+                                    "timesteps": ts}))
+        loaded = load_schedule_file(path)
+        assert (loaded.steps, loaded.nfe, loaded.order) == (3, 5, 2), method
+    path.write_text(json.dumps({"method": "gits", "solver": "heun", "nfe": 4, "timesteps": ts}))
+    with pytest.raises(ValueError, match="cannot spend exactly 4 network calls"):
+        load_schedule_file(path)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..baselines import steps_for_nfe
+from ..solvers import steps_for_nfe
 from ..models.sources import ModelSource
 from ..teacher import TeacherConfig, TeacherData, generate_teacher, split_seeds
 from .common import FitDiverged, FitResult, save_result, save_schedule_json

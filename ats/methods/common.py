@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,10 @@ import torch
 from torch import Tensor
 
 from ..atomic import write_atomic
+from ..solvers.sampling import nfe as count_nfe
+from ..solvers.sampling import solver_spec, steps_for_nfe
+
+STEP_COUNTED = ("ld3", "oracle", "oneshot", "delta")   # methods whose files before ``steps`` stored steps as nfe
 
 
 @dataclass
@@ -18,11 +23,12 @@ class FitResult:
     """A learned discretization: a global schedule ``timesteps`` [N+1] (with optional
     ``cond_timesteps``, the times the network sees), or per-sample schedules [B, N+1]
     (``per_sample``, with the ``seeds`` they belong to), or a ``predictor`` module that maps
-    x_T to a schedule. ``history`` holds the loss curves by step."""
+    x_T to a schedule. ``history`` holds the loss curves by step. It stores the solver's
+    ``steps`` and resolved ``order``; the NFE is derived from them (Heun: 2N - 1 calls)."""
     method: str
     solver: str
     order: int | None
-    nfe: int
+    steps: int
     timesteps: Tensor | None = None
     cond_timesteps: Tensor | None = None
     per_sample: Tensor | None = None
@@ -31,10 +37,33 @@ class FitResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.order = solver_spec(self.solver, self.order)[1]
+
+    @property
+    def nfe(self) -> int:
+        """Network calls per sample."""
+        return count_nfe(self.solver, self.steps)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **fields: Any) -> "FitResult":
+        """A result from ``to_json``/``save_result`` data, also those written before results
+        stored ``steps``: their ``nfe`` held the steps for ld3, the oracle and the predictors and
+        the network calls for the others (the two differ only for Heun)."""
+        data = dict(data)
+        if "steps" not in data:
+            legacy = int(data["nfe"])
+            steps = legacy if data["method"] in STEP_COUNTED else steps_for_nfe(data["solver"], legacy)
+            if steps is None:
+                raise ValueError(f"{data['solver']} cannot spend exactly {legacy} network calls; the file is corrupt")
+            data["steps"] = steps
+        names = {f.name for f in fields_of(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in names}, **fields})
+
     def to_json(self) -> dict:
         """The global schedule and the settings, for people and other tools."""
-        out = {"method": self.method, "solver": self.solver, "order": self.order, "nfe": self.nfe,
-               "info": self.info}
+        out = {"method": self.method, "solver": self.solver, "order": self.order, "steps": self.steps,
+               "nfe": self.nfe, "info": self.info}
         if self.timesteps is not None:
             out["timesteps"] = self.timesteps.tolist()
         if self.cond_timesteps is not None:
@@ -58,7 +87,7 @@ def load_result(path: str | Path) -> FitResult:
     from .predictors import load_predictor
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
     saved = state.pop("predictor", None)
-    return FitResult(**state, predictor=None if saved is None else load_predictor(saved))
+    return FitResult.from_dict(state, predictor=None if saved is None else load_predictor(saved))
 
 
 def save_schedule_json(result: FitResult, path: str | Path) -> Path:

@@ -219,4 +219,4 @@ def fit_dmn(noise_schedule: NoiseSchedule, solver: str, nfe: int, order: int | N
     began = time.perf_counter()
     t, info = dmn_timesteps(noise_schedule, nfe, solver, order, return_info=True, **options)
     info["seconds"] = time.perf_counter() - began
-    return FitResult("dmn", solver, solver_spec(solver, order)[1], nfe, timesteps=t, info=info)
+    return FitResult("dmn", solver, order, len(t) - 1, timesteps=t, info=info)

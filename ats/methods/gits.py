@@ -31,7 +31,7 @@ from torch import Tensor
 from ..discretize import get_timesteps
 from ..models.sources import ModelSource
 from ..noise import NoiseSchedule
-from ..solvers import coeffs, get_step_fn, sample, solver_spec
+from ..solvers import coeffs, get_step_fn, sample, solver_spec, steps_for_nfe
 from .common import FitResult, assert_monotone
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -179,7 +179,6 @@ def fit_gits(source: ModelSource, solver: str, nfe: int, seeds, order: int | Non
              device: torch.device | str | None = None, **options) -> FitResult:
     """``gits_timesteps`` on ``source`` from the latents of ``seeds`` (use training seeds, never
     evaluation ones) on ``device``, at ``nfe`` network calls of ``solver``, as a FitResult."""
-    from ..baselines import steps_for_nfe
     steps = steps_for_nfe(solver, nfe)
     if steps is None:
         raise ValueError(f"solver {solver!r} cannot spend exactly {nfe} network calls")
@@ -187,4 +186,4 @@ def fit_gits(source: ModelSource, solver: str, nfe: int, seeds, order: int | Non
     x_T = source.latents(seeds, dtype=source.dtype, device=device)
     t, info = gits_timesteps(source.model_fn, source.noise_schedule, x_T, steps, solver, return_info=True, **options)
     info = {"path": info["path"], "samples": len(x_T), "seconds": time.perf_counter() - began}
-    return FitResult("gits", solver, solver_spec(solver, order)[1], nfe, timesteps=t, info=info)
+    return FitResult("gits", solver, order, steps, timesteps=t, info=info)

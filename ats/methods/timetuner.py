@@ -74,7 +74,7 @@ from torch import Tensor
 from ..discretize import check_time_range
 from ..noise import NoiseSchedule
 from ..params import ratio_cond_timesteps
-from ..solvers.sampling import get_step_fn, nfe as count_nfe, solver_spec, step_orders
+from ..solvers.sampling import get_step_fn, solver_spec, step_orders
 from ..solvers.steps import Coeffs, SolverState, grid_coeffs
 from .common import FitDiverged, FitResult, check_finite
 
@@ -252,7 +252,7 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
                 "variant": variant, "wall_time_s": time.perf_counter() - started,
                 "loss": "mean_b ||eps(x_i, t_i) - eps(step_i(x_i; r_i t_i), t_{i+1})||^2"}
         info.update(extra or {})
-        return FitResult("timetuner", solver, order, count_nfe(solver, steps),
+        return FitResult("timetuner", solver, order, steps,
                          timesteps=timesteps.detach().cpu().clone(), cond_timesteps=cond,
                          history=history, info=info)
 

@@ -20,12 +20,22 @@ class SolverSpec(NamedTuple):
     default_order: int
     multistep: bool           # warms up with lower orders while its history fills
     lower_final_below: float  # lower_order_final applies when steps < this (0: never)
+    calls_per_step: int = 1   # network calls of a step; the last step makes one call (Heun's is Euler)
+
+    def nfe(self, steps: int) -> int:
+        """Network calls of ``steps`` steps: calls_per_step * (N - 1) + 1 (Heun: 2N - 1)."""
+        return self.calls_per_step * (steps - 1) + 1 if steps >= 1 else 0
+
+    def steps(self, nfe: int) -> int | None:
+        """The number of steps that makes exactly ``nfe`` calls, or None where none does."""
+        steps, rest = divmod(nfe - 1, self.calls_per_step)
+        return steps + 1 if nfe >= 1 and rest == 0 else None
 
 
 SOLVERS: dict[str, SolverSpec] = {
     "ddim": SolverSpec(ddim_step, (1,), 1, False, 0),
     "euler": SolverSpec(euler_step, (1,), 1, False, 0),
-    "heun": SolverSpec(heun_step, (2,), 2, False, 0),
+    "heun": SolverSpec(heun_step, (2,), 2, False, 0, calls_per_step=2),
     "dpm_solver++": SolverSpec(dpm_solver_pp_step, (1, 2, 3), 2, True, 10),   # as DPM-Solver
     "uni_pc": SolverSpec(uni_pc_step, (1, 2, 3), 3, True, math.inf),         # as UniPC
     "ipndm": SolverSpec(ipndm_step, (1, 2, 3, 4), 4, True, 0),                # as GITS
@@ -45,9 +55,13 @@ def solver_spec(solver: str, order: int | None = None) -> tuple[SolverSpec, int]
 
 
 def nfe(solver: str, steps: int) -> int:
-    """Network calls of ``steps`` steps: Heun's costs 2N - 1 (last step Euler), others N."""
-    solver_spec(solver)
-    return 2 * steps - 1 if solver == "heun" else steps
+    """Network calls of ``steps`` steps of ``solver`` (``SolverSpec.nfe``)."""
+    return solver_spec(solver)[0].nfe(steps)
+
+
+def steps_for_nfe(solver: str, nfe: int) -> int | None:
+    """Steps of ``solver`` with exactly ``nfe`` network calls, or None (Heun needs odd NFE)."""
+    return solver_spec(solver)[0].steps(nfe)
 
 
 def step_orders(solver: str, steps: int, order: int | None = None, lower_order_final: bool = True) -> list[int]:

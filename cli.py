@@ -33,6 +33,23 @@ def _choice_list(choices):
     return parse
 
 
+def _writable_file(ctx, param, value: Path | None) -> Path | None:
+    """A file path whose folder exists and is writable, checked before any work starts."""
+    if value is not None:
+        import os
+        folder = value.parent if str(value.parent) else Path(".")
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise click.BadParameter(f"cannot write {value}: {folder} is not a writable folder; create it or "
+                                     "choose another path")
+    return value
+
+
+def json_option(what: str):
+    """``--json FILE``: also write ``what`` as JSON (the folder is checked before any work)."""
+    return click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                        callback=_writable_file, help=f"Also write {what} as JSON.")
+
+
 def dataset_options(default: str = "gmm"):
     """--dataset and the options that locate its model and FID reference."""
     def decorate(f):
@@ -85,9 +102,8 @@ def main() -> None:
 @click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2),
               help="Number of samples (evaluation seeds).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="First evaluation sample.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write one JSON object per row (value, 95 % interval, n; for FID the paired change "
-                   "against the best discretization of its solver and NFE).")
+@json_option("one object per row (value, 95 % interval, n; for FID the paired change against the best "
+             "discretization of its solver and NFE)")
 def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, json_path) -> None:
     """Every fixed discretization per solver and NFE, by distance to a reference or by FID,
     with 95 % intervals (the best of each row in bold)."""
@@ -246,8 +262,7 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/<method>-<dataset>-<solver>-nfe<N>).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write the closing comparison's rows (FID, 95 % interval, paired change) as JSON.")
+@json_option("the closing comparison's rows (FID, 95 % interval, paired change against the best baseline)")
 def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_solver, teacher_nfe,
         teacher_discretization, raw_options, seed, cache, out, json_path) -> None:
     """Fit one method (one run, no Ray) and compare it with the fixed discretizations."""
@@ -451,8 +466,7 @@ def _fit_options(f):
                    "the seeds `ats fit` compared on).")
 @click.option("--baselines", default=None, callback=lambda c, p, v: v and _choice_list(BASELINES)(c, p, v),
               help="Comma-separated baselines; default: the study's (--run), all of them (--schedule).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write the rows (FID, 95 % interval, paired change against the best baseline) as JSON.")
+@json_option("the rows (FID, 95 % interval, paired change against the best baseline)")
 def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, start, baselines, json_path) -> None:
     """FID of a run's (or a file's) schedule or predictor against the baselines, on fresh seeds,
     with 95 % intervals and paired changes."""

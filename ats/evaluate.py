@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .baselines import EVAL_BATCH
+from .baselines import EVAL_BATCH, sample_batched
 from .solvers import steps_for_nfe
 from .discretize import KINDS, check_time_range, get_timesteps
 from .methods.common import FitResult, load_result
@@ -46,20 +46,19 @@ def result_samples_and_schedules(source: ModelSource, result: FitResult, x: Tens
     """The fit's samples from x_T, ``batch`` at a time, and the per-sample schedules its
     predictor chose (None for a global schedule). Per-sample oracle schedules belong to their
     own seeds and are evaluated by the caller there."""
+    if result.predictor is None:
+        cond = None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype)
+        return sample_batched(source, x, labels, result.timesteps.to(x.dtype), result.solver, batch,
+                              order=result.order, cond_timesteps=cond), None
+    sampler = PredictorSampler(result.predictor, source, result.solver, result.order,
+                               result.info.get("space", "lambda"))
     outs, schedules = [], []
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            xb, lb = x[i:i + batch], None if labels is None else labels[i:i + batch]
-            if result.predictor is not None:
-                space = result.info.get("space", "lambda")
-                out, ts = PredictorSampler(result.predictor, source, result.solver, result.order, space)(xb, lb)
-                schedules.append(ts)
-            else:
-                cond = None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype)
-                out = sample(source.model_fn_for(lb), source.noise_schedule, xb, result.timesteps.to(x.dtype),
-                             result.solver, order=result.order, cond_timesteps=cond)
+            out, ts = sampler(x[i:i + batch], None if labels is None else labels[i:i + batch])
+            schedules.append(ts)
             outs.append(out)
-    return torch.cat(outs), torch.cat(schedules) if schedules else None
+    return torch.cat(outs), torch.cat(schedules)
 
 
 def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None) -> Tensor:

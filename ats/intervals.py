@@ -59,28 +59,34 @@ def bootstrap_fids(features: Tensor, mu_real: Tensor, cov_real: Tensor, replicat
     fc = f - center
     fc32 = fc.float()   # the n x d x d products in float32 on centred features (relative error ~1e-6)
     mu_real, cov_real = mu_real.to(f), cov_real.to(f)
-    evals, vecs = torch.linalg.eigh(cov_real)
-    root = (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
+    root = _sqrtm(cov_real)
     out = []
     for k, start in enumerate(range(0, replicates, chunk)):
         w = bootstrap_counts(n, min(chunk, replicates - start), seed, k).to(fc32.device)
         mean_c = (w @ fc32).double() / n                                 # [b, d], centred
         cov = torch.stack([((fc32 * wi[:, None]).T @ fc32).double() for wi in w])
         cov = (cov - n * mean_c[:, :, None] * mean_c[:, None, :]) / (n - 1)
-        inner = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum(-1)
-        out.append((mean_c + center - mu_real).square().sum(-1) + cov.diagonal(dim1=1, dim2=2).sum(-1)
-                   + cov_real.trace() - 2 * inner)
+        out.append(_frechet(mean_c + center, cov, mu_real, cov_real, root))
     return torch.cat(out)
+
+
+def _sqrtm(cov: Tensor) -> Tensor:
+    """The symmetric square root of a covariance (negative eigenvalues of round-off clipped)."""
+    evals, vecs = torch.linalg.eigh(cov)
+    return (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def _frechet(mean: Tensor, cov: Tensor, mu_real: Tensor, cov_real: Tensor, root_real: Tensor) -> Tensor:
+    """||mu - mu_r||^2 + tr C + tr C_r - 2 tr sqrt(C_r^1/2 C C_r^1/2), batched over leading dims."""
+    inner = torch.linalg.eigvalsh(root_real @ cov @ root_real).clamp_min(0).sqrt().sum(-1)
+    return (mean - mu_real).square().sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + cov_real.trace() - 2 * inner
 
 
 def frechet_from_features(features: Tensor, mu_real: Tensor, cov_real: Tensor) -> float:
     """The plain FID of ``features`` [n, d] against (mu_real, cov_real), float64."""
     f = features.double()
-    mu, cov = f.mean(0), torch.cov(f.T)
-    evals, vecs = torch.linalg.eigh(cov_real.to(f))
-    root = (vecs * evals.clamp_min(0).sqrt()) @ vecs.T
-    inner = torch.linalg.eigvalsh(root @ cov @ root).clamp_min(0).sqrt().sum()
-    return float((mu - mu_real.to(f)).square().sum() + cov.trace() + cov_real.to(f).trace() - 2 * inner)
+    cov_real = cov_real.to(f)
+    return float(_frechet(f.mean(0), torch.cov(f.T), mu_real.to(f), cov_real, _sqrtm(cov_real)))
 
 
 @dataclass
@@ -137,10 +143,13 @@ class FidEstimate:
 
     def change_pct(self, reference: "FidEstimate") -> Change:
         """100 (FID - FID_ref) / FID_ref with the paired bootstrap interval (same replicates)."""
-        if reference.seeds != self.seeds or len(reference.replicates) != len(self.replicates):
+        if reference.seeds != self.seeds:
             raise ValueError(f"a paired change needs the same seeds: {self.seeds} against {reference.seeds}")
         if not (math.isfinite(self.fid) and math.isfinite(reference.fid) and reference.fid > 0):
-            return NO_CHANGE
+            return NO_CHANGE   # a diverged sampler has no FID to compare
+        if len(reference.replicates) != len(self.replicates):
+            raise ValueError(f"a paired change needs the same bootstrap: {len(self.replicates)} replicates "
+                             f"against {len(reference.replicates)}")
         pct = 100 * (self.fid - reference.fid) / reference.fid
         reps = 100 * (self.replicates - reference.replicates) / reference.replicates
         half = Z95 * float(np.std(reps, ddof=1))
@@ -156,4 +165,4 @@ class FidEstimate:
 
     @classmethod
     def diverged(cls, n: int, seeds: str) -> "FidEstimate":
-        return cls(math.nan, n, seeds, np.full(BOOTSTRAP, math.nan))
+        return cls(math.nan, n, seeds, np.empty(0))

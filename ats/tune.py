@@ -491,8 +491,8 @@ def summarize(study: Study, folder: Path, tracker, parent_id: str, baselines: di
             cell: list[Row] = []
             for key, m in baselines.items():
                 name, s, n = _split_key(key)
-                fids = load_fids(folder / "baselines" / f"{name}-{solver}-nfe{nfe}")
-                if (s, n) == (solver, nfe) and "eval" in fids:
+                fids = load_fids(folder / "baselines" / f"{name}-{solver}-nfe{nfe}") if (s, n) == (solver, nfe) else {}
+                if "eval" in fids:
                     cell.append(Row(name, s, n, fids["eval"], "baseline", m.get("l2_eval", math.nan),
                                     m.get("run_id"), m.get("fid_select", math.nan)))
             for method in [m.name for m in study.methods]:

@@ -116,6 +116,12 @@ def test_fit_with_heun_compares_at_the_same_network_calls(tmp_path):
     assert {r["nfe"] for r in rows} == {5} and {r["name"] for r in rows} >= {"ld3", "time_uniform"}
 
 
+def test_json_to_a_missing_folder_fails_before_any_work(tmp_path):
+    for command in (["compare", "--dataset", "gmm"], ["fit", "--method", "dmn", "--dataset", "gmm"]):
+        result = CliRunner().invoke(main, [*command, "--json", str(tmp_path / "nowhere" / "rows.json")])
+        assert result.exit_code == 2 and "is not a writable folder" in result.output, result.output
+
+
 def test_fit_bad_option_and_method():
     result = CliRunner().invoke(main, ["fit", "--method", "ld3", "--dataset", "gmm", "--option", "epochs"])
     assert result.exit_code == 2 and "is not KEY=VALUE" in result.output

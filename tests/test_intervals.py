@@ -105,3 +105,9 @@ def test_verdict_says_when_no_method_is_better(gmm, metric):
             Row("ld3", "uni_pc", 5, frechet_estimate(metric, draws(gmm, 600, 8) + 0.1, "e"))]
     compare(rows)
     assert "not significantly different from the best baseline" in verdict(rows)
+
+
+def test_a_diverged_row_has_no_change_whatever_the_bootstrap_size(gmm, metric):
+    ok = frechet_estimate(metric, draws(gmm, 300, 9, 0.1), "e", replicates=50)
+    assert math.isnan(FidEstimate.diverged(300, "e").change_pct(ok).pct)
+    assert math.isnan(ok.change_pct(FidEstimate.diverged(300, "e")).pct)

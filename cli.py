@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
-from ats.discretize import KINDS
+from ats.discretize import FIXED, KINDS
 from ats.evaluate import EVAL_SAMPLES, L2_SAMPLES
-from ats.models.sources import DATASETS, GMM_PRESETS
+from ats.methods import METHODS
+from ats.teacher import DEFAULT_CACHE
+from ats.models.sources import DATASETS
 from ats.solvers import SOLVERS
 from ats.study import BASELINES, SAMPLERS
 
@@ -50,36 +52,63 @@ def json_option(what: str):
                         callback=_writable_file, help=f"Also write {what} as JSON.")
 
 
+def _dataset_flags() -> dict[str, dict[str, str]]:
+    """Every dataset's model options as CLI flags: flag -> {dataset: option name}."""
+    flags: dict[str, dict[str, str]] = {}
+    for ds in DATASETS.values():
+        for name in ds.options:
+            flags.setdefault("--" + ds.flags.get(name, name).replace("_", "-"), {})[ds.name] = name
+    return flags
+
+
+DATASET_FLAGS = _dataset_flags()
+
+
+def _flag_type(option):
+    if option.choices:
+        return click.Choice(option.choices)
+    return int if "int" in option.kinds else float if "float" in option.kinds else str
+
+
+def model_flags(f):
+    """Every dataset's model options as flags, passed on as ``model_flags`` ({flag: value}, given ones)."""
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        given = {flag: kwargs.pop(flag[2:].replace("-", "_")) for flag in DATASET_FLAGS}
+        return f(*args, model_flags={k: v for k, v in given.items() if v is not None}, **kwargs)
+    for flag, owners in reversed(DATASET_FLAGS.items()):
+        ds, name = next(iter(owners.items()))
+        option = DATASETS[ds].options[name]
+        wrapper = click.option(flag, type=_flag_type(option), default=None, help=option.help)(wrapper)
+    return wrapper
+
+
+def model_options(dataset: str, flags: dict) -> dict:
+    """The given model flags as ``dataset``'s options; a flag of another dataset is an error."""
+    model = {}
+    for flag, value in flags.items():
+        owners = DATASET_FLAGS[flag]
+        if dataset not in owners:
+            raise click.UsageError(f"{flag} is an option of dataset {', '.join(owners)}, not {dataset}")
+        model[owners[dataset]] = value
+    return model
+
+
 def dataset_options(default: str = "gmm"):
-    """--dataset and the options that locate its model and FID reference."""
+    """--dataset and the model flags, turned into the ``source`` argument."""
     def decorate(f):
-        @click.option("--dataset", default=default, show_default=True, type=click.Choice(DATASETS),
-                      help="Model source: gmm (analytic), digits (shipped U-Net), cifar10 (--checkpoint).")
-        @click.option("--preset", default="16d", show_default=True, type=click.Choice(tuple(GMM_PRESETS)),
-                      help="gmm: dimension and components.")
-        @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                      help="cifar10: a diffusers UNet2DModel directory (google/ddpm-cifar10-32 layout).")
-        @click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
-                      help="cifar10: weights-inception-2015-12-05-6726825d.pth (else $ATS_INCEPTION_WEIGHTS "
-                           "or the torch hub cache).")
-        @click.option("--fid-reference", type=click.Path(path_type=Path), default=None,
-                      help="cifar10: real-image statistics (.npz with mu, sigma) or a folder of images.")
-        @click.option("--guidance-scale", type=float, default=None,
-                      help="digits: sample class-conditionally (a label per seed) with this classifier-free "
-                           "guidance scale; unconditional when absent.")
+        @model_flags
         @functools.wraps(f)
-        def wrapper(*args, dataset, preset, checkpoint, inception_weights, fid_reference, guidance_scale, **kwargs):
+        def wrapper(*args, dataset, model_flags, **kwargs):
             from ats.models.sources import load_source
-            digits = {} if guidance_scale is None else dict(conditional=True, guidance_scale=guidance_scale)
-            options = {"gmm": dict(**GMM_PRESETS[preset]), "digits": digits,
-                       "cifar10": dict(checkpoint=checkpoint, inception_weights=inception_weights,
-                                       fid_reference=fid_reference)}[dataset]
             try:
-                source = load_source(dataset, **options)
+                source = load_source(dataset, **model_options(dataset, model_flags))
             except (ValueError, FileNotFoundError, ImportError) as e:
                 raise click.UsageError(str(e))
             return f(*args, source=source, **kwargs)
-        return wrapper
+        return click.option("--dataset", default=default, show_default=True, type=click.Choice(tuple(DATASETS)),
+                            help="Model source: gmm (analytic), digits (shipped U-Net), cifar10 (--checkpoint)."
+                            )(wrapper)
     return decorate
 
 
@@ -95,7 +124,7 @@ def main() -> None:
               callback=_choice_list(tuple(SOLVERS)), help="Comma-separated solvers.")
 @click.option("--nfe", "nfes", default="3,5,7,10", show_default=True, callback=_int_list,
               help="Comma-separated numbers of network evaluations.")
-@click.option("--discretizations", default=",".join(KINDS[:4]), show_default=True,
+@click.option("--discretizations", default=",".join(FIXED), show_default=True,
               callback=_choice_list(KINDS), help="Comma-separated fixed discretizations.")
 @click.option("--metric", type=click.Choice(["l2", "fid"]), default="l2", show_default=True,
               help="l2: mean distance to a 1000-step reference from the same noise; fid: the dataset's FID.")
@@ -111,7 +140,7 @@ def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, jso
     from rich.progress import track
     from rich.table import Table
 
-    from ats.baselines import evaluate_table, reference_solution
+    from ats.compare import evaluate_table, reference_solution
     from ats.evaluate import seed_set
     from ats.teacher import split_seeds
 
@@ -215,7 +244,7 @@ def train_model(dataset, classifier, steps, seed, out) -> None:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
               help="First sample of the split (sample i has its own seed).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "valid", "eval"]))
-@click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)
 @click.option("--grid", type=click.Path(path_type=Path), default=None, help="Also write a PNG grid of the targets.")
 def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, cache, grid) -> None:
     """Teacher targets x0* for n samples, cached on disk (resumable; a rerun computes nothing)."""
@@ -243,8 +272,7 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
 
 
 @main.command()
-@click.option("--method", required=True, type=click.Choice(["ld3", "timetuner", "oracle", "oneshot", "delta", "dmn", "gits"]),
-              help="What to fit (README: Methods).")
+@click.option("--method", required=True, type=click.Choice(tuple(METHODS)), help="What to fit (README: Methods).")
 @dataset_options(default="digits")
 @click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
@@ -259,7 +287,7 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="A method option, e.g. --option epochs=200 --option loss=pseudo_huber (repeatable).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/<method>-<dataset>-<solver>-nfe<N>).")
 @json_option("the closing comparison's rows (FID, 95 % interval, paired change against the best baseline)")
@@ -270,7 +298,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 
     from ats.report import console as report_console
 
-    from ats.methods import FitDiverged, fit_method, save_result, save_schedule_json
+    from ats.methods import FitDiverged, OptionError, fit_method, parse_method_options, save_result, save_schedule_json
     from ats.teacher import TeacherConfig
 
     options = {}
@@ -282,12 +310,20 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    try:
+        options = parse_method_options(method, options, path="")
+    except OptionError as e:
+        raise click.BadParameter(f"{e} (method {method})", param_hint="--option")
     out = out or Path("runs") / f"{method}-{source.name}-{solver}-nfe{nfe}"
     console = report_console()
     teacher = TeacherConfig(teacher_solver, teacher_nfe, teacher_discretization)
     try:
-        with console.status(f"fitting {method} ({solver}, NFE {nfe}) on {source.name}"):
-            result = fit_method(method, source, solver, nfe, order, n_train, n_valid, teacher, cache, seed, options)
+        with console.status(f"fitting {method} ({solver}, NFE {nfe}) on {source.name}") as status:
+            def progress(phase: str, step: int, loss: float) -> None:
+                status.update(f"fitting {method} ({solver}, NFE {nfe}) on {source.name}: {phase} {step}, "
+                              f"loss {loss:.4g}")
+            result = fit_method(method, source, solver, nfe, order, n_train, n_valid, teacher, cache, seed, options,
+                                progress=progress)
     except FitDiverged as e:
         if getattr(e, "result", None) is not None:
             save_result(e.result, out / "result.pt")
@@ -295,10 +331,6 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
         raise click.ClickException(str(e))
     except ValueError as e:
         raise click.UsageError(str(e))
-    except TypeError as e:
-        if "unexpected keyword argument" not in str(e):
-            raise
-        raise click.UsageError(f"--option: {str(e).split('() ')[-1]} for method {method}")
     save_result(result, out / "result.pt")
     if result.timesteps is not None:
         save_schedule_json(result, out / "schedule.json")
@@ -337,9 +369,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 @click.option("--gpus-per-trial", type=click.FloatRange(min=0), default=None, help="Fractions allowed, e.g. 0.5.")
 @click.option("--max-concurrent", type=click.IntRange(1), default=None, help="Trials running at once.")
 @click.option("--max-failures", type=click.IntRange(0), default=None, help="Retries of a crashed trial.")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="cifar10: UNet2DModel directory.")
-@click.option("--inception-weights", type=click.Path(path_type=Path), default=None)
-@click.option("--fid-reference", type=click.Path(path_type=Path), default=None)
+@model_flags
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI (http://host:5000 for `ats server`); default a local sqlite ./mlflow.db.")
 @click.option("--optuna-storage", default=None,
@@ -348,12 +378,11 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 @click.option("--address", default=None, help="Ray cluster address (`auto` for the running cluster; or RAY_ADDRESS).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Where study folders go (must be shared storage on a cluster).")
-@click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)
 @click.option("--no-live", is_flag=True, help="Print a line per finished trial instead of a live table.")
 def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler, n_train, n_valid, n_select, n_eval,
            seed,
-           cpus_per_trial, gpus_per_trial, max_concurrent, max_failures, checkpoint, inception_weights,
-           fid_reference, tracking_uri, optuna_storage, address, out, cache, no_live) -> None:
+           cpus_per_trial, gpus_per_trial, max_concurrent, max_failures, model_flags, tracking_uri, optuna_storage, address, out, cache, no_live) -> None:
     """Search schedules for a study: Ray Tune trials, Optuna hyperparameters, MLflow runs."""
     import os
 
@@ -367,16 +396,16 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
         solvers=solvers and tuple(solvers), nfes=nfes and tuple(nfes), trials=trials, sampler=sampler,
         n_train=n_train, n_valid=n_valid, n_select=n_select, n_eval=n_eval, seed=seed, cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial, max_concurrent=max_concurrent, max_failures=max_failures,
-        checkpoint=checkpoint and str(checkpoint), inception_weights=inception_weights and str(inception_weights),
-        fid_reference=fid_reference and str(fid_reference),
         methods=methods and tuple(m.strip() for m in methods.split(",") if m.strip())).items() if v is not None}
     try:
         if resume is not None:
-            if overrides:
-                raise click.UsageError(f"--resume continues the study as it was; drop {', '.join(overrides)}")
+            if overrides or model_flags:
+                raise click.UsageError(f"--resume continues the study as it was; drop "
+                                       f"{', '.join([*overrides, *model_flags])}")
             study = load_study(resume / "study.yaml")
         else:
-            study = load_study(study_file or study_path(dataset)).with_overrides(**overrides)
+            study = load_study(study_file or study_path(dataset))
+            study = study.with_overrides(model=model_options(study.dataset, model_flags), **overrides)
         check_inputs(study)
     except (StudyError, FileNotFoundError, ValueError, ImportError) as e:
         raise click.UsageError(str(e))
@@ -422,7 +451,7 @@ def _fit_options(f):
     @dataset_options(default="digits")
     @click.option("--tracking-uri", default=None,
                   help="MLflow tracking URI of --run; default $MLFLOW_TRACKING_URI or a local sqlite ./mlflow.db.")
-    @click.option("--cache", type=click.Path(path_type=Path), default=Path(".ats-cache/teacher"), show_default=True)
+    @click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)
     @functools.wraps(f)
     def wrapper(*args, run_id, schedule, source, tracking_uri, **kwargs):
         from ats.evaluate import check_fits, load_schedule_file
@@ -430,13 +459,11 @@ def _fit_options(f):
         if (run_id is None) == (schedule is None):
             raise click.UsageError("give one of --run RUN_ID or --schedule FILE")
         ctx = click.get_current_context()
-        given = [f"--{p.replace('_', '-')}" for p in ("dataset", "preset", "checkpoint", "inception_weights",
-                                                      "fid_reference", "guidance_scale")
+        given = [f"--{p.replace('_', '-')}" for p in ["dataset"] + [f[2:].replace("-", "_") for f in DATASET_FLAGS]
                  if ctx.get_parameter_source(p) is not click.core.ParameterSource.DEFAULT]
         study = None
         if run_id is not None:
             from ats.tracking import TrackingError, load_result, load_run_study
-            from ats.trial import study_source
             if given:
                 raise click.UsageError(f"{', '.join(given)} go with --schedule; a run's model comes from its study")
             try:
@@ -444,7 +471,7 @@ def _fit_options(f):
                 result = load_result(run_id, tracking_uri)
             except TrackingError as e:
                 raise click.ClickException(str(e))
-            source = study_source(study)
+            source = study.source()
         try:
             if schedule is not None:
                 result = load_schedule_file(schedule)
@@ -473,11 +500,11 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     from ats.report import console as report_console
     from rich.progress import Progress
 
-    from ats.evaluate import compare_on_eval, is_oracle, run_metrics
+    from ats.evaluate import compare_on_eval, run_metrics
     from ats.report import rich_table, verdict, write_json
     from ats.teacher import TeacherConfig
 
-    if is_oracle(result):
+    if result.tied_to_seeds:
         raise click.UsageError("oracle schedules were fitted on each of their own samples, so they have no FID on "
                                "fresh seeds (that takes a new oracle fit); their FID on the seeds they belong to "
                                "is the run's fid_eval metric")

@@ -17,6 +17,7 @@ from torch import Tensor
 from .noise import NoiseSchedule
 
 KINDS = ("time_uniform", "logSNR", "time_quadratic", "edm", "poly")
+FIXED = KINDS[:4]   # the fixed discretizations every comparison shows (poly needs a degree)
 
 
 def check_time_range(noise_schedule: NoiseSchedule, t: Tensor, name: str) -> None:

@@ -16,19 +16,17 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .baselines import EVAL_BATCH, sample_batched
 from .solvers import steps_for_nfe
-from .discretize import KINDS, check_time_range, get_timesteps
-from .methods.common import FitResult, load_result
-from .methods.predictors import PredictorSampler
+from .discretize import FIXED, KINDS, check_time_range, get_timesteps
+from .methods.common import FitResult
+from .methods.results import load_result, sample_result
 from .intervals import FidEstimate
-from .metrics import frechet_estimate, l2_loss
-from .models.sources import ModelSource
+from .losses import l2_loss
+from .metrics import frechet_estimate
+from .models.base import ModelSource
 from .report import Row, compare, rich_table
-from .solvers import sample
-from .teacher import TeacherConfig, generate_teacher, split_seeds
+from .teacher import DEFAULT_CACHE, TeacherConfig, generate_teacher, split_seeds
 
-FIXED = KINDS[:4]   # the fixed discretizations every comparison shows
 Progress = Callable[[str, int], None]   # (task, advance): "teacher" in samples, "sampling" in schedules
 
 
@@ -41,38 +39,8 @@ def seed_set(split: str, n: int, start: int = 0) -> str:
     return f"{split}:{start}+{n}"
 
 
-def result_samples_and_schedules(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None,
-                                 batch: int = EVAL_BATCH) -> tuple[Tensor, Tensor | None]:
-    """The fit's samples from x_T, ``batch`` at a time, and the per-sample schedules its
-    predictor chose (None for a global schedule). Per-sample oracle schedules belong to their
-    own seeds and are evaluated by the caller there."""
-    if result.predictor is None:
-        cond = None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype)
-        return sample_batched(source, x, labels, result.timesteps.to(x.dtype), result.solver, batch,
-                              order=result.order, cond_timesteps=cond), None
-    sampler = PredictorSampler(result.predictor, source, result.solver, result.order,
-                               result.info.get("space", "lambda"))
-    outs, schedules = [], []
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out, ts = sampler(x[i:i + batch], None if labels is None else labels[i:i + batch])
-            schedules.append(ts)
-            outs.append(out)
-    return torch.cat(outs), torch.cat(schedules)
-
-
-def result_samples(source: ModelSource, result: FitResult, x: Tensor, labels: Tensor | None) -> Tensor:
-    """The fit's samples from x_T: its predictor, else its global schedule."""
-    return result_samples_and_schedules(source, result, x, labels)[0]
-
-
-def is_oracle(result: FitResult) -> bool:
-    """Per-sample schedules without a predictor: they exist only for their own seeds."""
-    return result.per_sample is not None and result.predictor is None
-
-
 def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order: int | None, n_train: int = 50,
-                    cache: str | Path = ".ats-cache/teacher") -> FitResult:
+                    cache: str | Path = DEFAULT_CACHE) -> FitResult:
     """A baseline's schedule: a fixed discretization, or DMN / GITS fitted as ``ats search``
     fits them (GITS on the first ``n_train`` training seeds)."""
     if name in KINDS:
@@ -96,10 +64,10 @@ def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher
     x, labels = source.latents(seeds, dtype=source.dtype), source.labels(seeds)
     metric = source.make_metric()
     fits = [baseline_result(source, name, result.solver, result.nfe, result.order, n_train, cache)
-            for name in baselines] + ([] if is_oracle(result) else [result])
+            for name in baselines] + ([] if result.tied_to_seeds else [result])
     rows = []
     for i, fit in enumerate(fits):
-        out = result_samples(source, fit, x, labels)
+        out = sample_result(source, fit, x, labels)[0]
         fid = (frechet_estimate(metric, out, seed_set("eval", n_eval, start)) if torch.isfinite(out).all()
                else FidEstimate.diverged(n_eval, seed_set("eval", n_eval, start)))
         rows.append(Row(fit.method, result.solver, result.nfe, fid, "baseline" if i < len(baselines) else "method",
@@ -115,7 +83,7 @@ def evaluate_result(source: ModelSource, result: FitResult, n_eval: int, teacher
     """The rich table of ``compare_on_eval`` against the fixed discretizations, and its rows."""
     rows = compare_on_eval(source, result, n_eval, teacher, cache)
     caption = None
-    if is_oracle(result):
+    if result.tied_to_seeds:
         caption = "per-sample schedules belong to their own seeds: see the fit's losses"
     table = rich_table(rows, f"{source.name}, {result.solver} NFE {result.nfe}: {n_eval} evaluation samples",
                        caption)
@@ -169,7 +137,7 @@ def check_fits(source: ModelSource, result: FitResult) -> None:
 def sample_seeds(result: FitResult, n: int, start: int | None) -> list[int]:
     """Seeds of ``ats sample``: evaluation samples start..start+n-1, or for oracle schedules
     the first n of the seeds they were fitted on."""
-    if not is_oracle(result):
+    if not result.tied_to_seeds:
         return list(split_seeds("eval", n, start or 0))
     if start is not None:
         raise ValueError("oracle schedules belong to the seeds (and labels) they were fitted on; leave out --seed")
@@ -183,7 +151,7 @@ def sample_labels(source: ModelSource, result: FitResult, seeds: Sequence[int], 
     """Class labels: ``label`` for every sample, else the seeds' own (conditional models)."""
     if label is None:
         return source.labels(seeds)
-    if is_oracle(result):
+    if result.tied_to_seeds:
         raise ValueError("oracle schedules belong to the seeds and labels they were fitted on; leave out --label")
     if not source.num_classes:
         raise ValueError(f"--label needs a class-conditional model, and {source.name} is unconditional "
@@ -196,19 +164,13 @@ def sample_labels(source: ModelSource, result: FitResult, seeds: Sequence[int], 
 
 def draw(source: ModelSource, result: FitResult, seeds: Sequence[int], labels: Tensor | None,
          baselines: Sequence[str] = (), n_train: int = 50,
-         cache: str | Path = ".ats-cache/teacher") -> dict[str, Tensor]:
+         cache: str | Path = DEFAULT_CACHE) -> dict[str, Tensor]:
     """Samples of the fit and of each baseline from the same seeds, by name (the fit first)."""
     x = source.latents(seeds, dtype=source.dtype)
-    if is_oracle(result):
-        with torch.no_grad():
-            out = sample(source.model_fn_for(labels), source.noise_schedule, x,
-                         result.per_sample[:len(seeds)].to(x.dtype), result.solver, order=result.order)
-    else:
-        out = result_samples(source, result, x, labels)
-    samples = {result.method: out}
+    samples = {result.method: sample_result(source, result, x, labels)[0]}
     for name in baselines:
         fit = baseline_result(source, name, result.solver, result.nfe, result.order, n_train, cache)
-        samples[f"{name} (baseline)" if name == result.method else name] = result_samples(source, fit, x, labels)
+        samples[f"{name} (baseline)" if name == result.method else name] = sample_result(source, fit, x, labels)[0]
     return samples
 
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .methods.common import FitResult
 from .methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler
-from .models.sources import ModelSource
+from .models.base import ModelSource
 from .noise import EDMSchedule, NoiseSchedule, NoiseScheduleVP
 
 # What the installed diffusers (0.3x-0.4x) takes in ``set_timesteps``, checked in its source:

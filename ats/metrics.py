@@ -1,4 +1,4 @@
-"""Metrics: Frechet distances through torchmetrics, and the losses of schedule learning.
+"""Metrics: Frechet distances through torchmetrics (the losses of schedule learning are in ``ats.losses``).
 
 Every FID here is torchmetrics' ``FrechetInceptionDistance``; only the feature extractor
 changes with the data:
@@ -115,25 +115,6 @@ def frechet_distance(metric, fake: Tensor) -> float:
     return frechet_estimate(metric, fake, replicates=0).fid
 
 
-def gmm_metric(gmm, n_reference: int = 100000, seed: int = 12345):
-    """Frechet distance on raw coordinates against a large exact sample of the mixture."""
-    metric = frechet_metric(Coordinates(gmm.dim))
-    ref = gmm.sample(n_reference, generator=torch.Generator().manual_seed(seed))
-    for chunk in ref.split(10000):
-        metric.update(chunk.to(metric.device), real=True)
-    return metric
-
-
-def digits_metric(classifier: nn.Module | None = None):
-    """FID on the shipped digits classifier's features against all 1797 real digits."""
-    from .models.digits import load_digits_classifier, load_digits_data
-    classifier = classifier or load_digits_classifier()
-    metric = frechet_metric(QuantizedFeatures(classifier.features, classifier.num_features))
-    images, _ = load_digits_data()
-    metric.update(to_uint8(images), real=True)
-    return metric
-
-
 def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     """The torch-fidelity InceptionV3 weights: ``path``, else $ATS_INCEPTION_WEIGHTS, else the
     torch hub cache (<hub dir>/checkpoints/). A clear error names the file when absent."""
@@ -181,46 +162,3 @@ def load_reference(metric, reference: str | os.PathLike) -> None:
     for start in range(0, len(files), 500):
         batch = [np.asarray(Image.open(f).convert("RGB")) for f in files[start:start + 500]]
         metric.update(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous(), real=True)
-
-
-# Losses between a student's samples and the teacher's, one value per sample.
-
-def l2_loss(x: Tensor, target: Tensor) -> Tensor:
-    """||x - target||_2 per sample."""
-    return (x - target).flatten(1).norm(dim=1)
-
-
-def pseudo_huber_loss(x: Tensor, target: Tensor, c: float | None = None) -> Tensor:
-    """sqrt(||x - target||^2 + c^2) - c per sample, c = 0.00054 sqrt(dim) (Song & Dhariwal, 2023)."""
-    d = (x - target).flatten(1)
-    c = 0.00054 * d.shape[1] ** 0.5 if c is None else c
-    return torch.sqrt(d.square().sum(1) + c * c) - c
-
-
-LOSSES = {"l2": l2_loss, "pseudo_huber": pseudo_huber_loss}
-
-
-def get_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """A per-sample loss by name. LPIPS needs its backbone weights, which no package ships
-    here; asking for it fails now, at configuration time, not mid-fit."""
-    if name == "lpips":
-        try:
-            import lpips  # noqa: F401
-        except ImportError:
-            raise ValueError("loss 'lpips' needs the lpips package and its VGG/AlexNet weights on "
-                             "disk (pip install lpips, then fetch the weights on a machine with "
-                             "internet); use loss 'l2' or 'pseudo_huber' here") from None
-        return _lpips_loss()
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}, lpips")
-    return LOSSES[name]
-
-
-def _lpips_loss() -> Callable[[Tensor, Tensor], Tensor]:
-    import lpips
-    try:
-        net = lpips.LPIPS(net="vgg", verbose=False, pretrained=True)
-    except Exception as e:
-        raise ValueError(f"LPIPS weights are not available locally ({type(e).__name__}); "
-                         "use loss 'l2' or 'pseudo_huber'") from None
-    return lambda x, target: net(x, target, normalize=False).flatten()

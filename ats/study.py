@@ -9,59 +9,33 @@ documented in ``studies/README.md``.
 from __future__ import annotations
 
 import copy
-import difflib
-import inspect
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import yaml
 
 from .atomic import write_atomic
+from .discretize import FIXED, KINDS
+from .methods import METHODS, SEARCHABLE, nested_schemas
+from .models.base import ModelSource
+from .models.sources import DATASETS, get_dataset
+from .noise import NoiseSchedule
+from .options import (Option, OptionError, choice, did_you_mean, fail, integer, join, mapping, number,
+                      parse_options)
 from .solvers import steps_for_nfe
-from .discretize import KINDS
-from .methods import METHODS
-from .methods.dmn import SOLVERS as DMN_SOLVERS
-from .methods.ld3 import fit_ld3
-from .methods.oracle import fit_oracle
-from .methods.predictors import fit_predictor
-from .methods.timetuner import STRATEGIES, fit_timetuner
-from .metrics import LOSSES
-from .models.sources import DATASETS, GMM_PRESETS
-from .params import SPACES
 from .solvers.sampling import SOLVERS, solver_spec
 from .teacher import TeacherConfig
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice")
-SEARCHABLE = tuple(m for m in METHODS if m not in ("dmn", "gits"))
-BASELINES = KINDS[:4] + ("dmn", "gits")
-MODEL_OPTIONS: dict[str, dict[str, Any]] = {          # each dataset's model options and defaults
-    "gmm": {"preset": "16d"},
-    "digits": {"guidance_scale": None},
-    "cifar10": {"checkpoint": None, "inception_weights": None, "fid_reference": None},
-}
+BASELINES = FIXED + tuple(name for name, m in METHODS.items() if not m.searchable)
 TOP_KEYS = ("name", "dataset", "model", "solvers", "nfes", "order", "teacher", "data", "baselines", "methods",
             "trials", "sampler", "seed", "resources", "max_failures")
 DATA_DEFAULTS = {"n_train": 50, "n_valid": 50, "n_select": 2000, "n_eval": 5000}
 RESOURCE_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 1}
-# String options with a fixed set of values (checked here so a typo fails at load, not mid-search).
-OPTION_VALUES: dict[str, tuple[str, ...]] = {
-    "loss": tuple(LOSSES) + ("lpips",), "space": SPACES, "optimizer": ("rmsprop", "adam"),
-    "objective": ("end_to_end", "regression"), "strategy": STRATEGIES, "explore_sampler": ("tpe", "cmaes"),
-    "discretization": KINDS, "start": ("best",) + KINDS[:4],
-}
-# Fit-function keywords that are no method options: set by the study (seed, order, solver), by the
-# caller (progress), or fixed by how schedules are sampled (lower_order_final, variant).
-_RESERVED = {"seed", "order", "solver", "progress", "lower_order_final", "variant"}
-_FIT_FUNCTIONS: dict[str, Callable[..., Any]] = {"ld3": fit_ld3, "timetuner": fit_timetuner,
-                                                  "oracle": fit_oracle, "oneshot": fit_predictor,
-                                                  "delta": fit_predictor}
-_EXTRA = {"timetuner": {"discretization": frozenset({"str"}), "n_data": frozenset({"int"})}}  # read by fit_method
-NESTED = {"oracle": ("ld3",), "oneshot": ("ld3", "oracle"), "delta": ("ld3", "oracle")}  # option dicts per method
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 class StudyError(ValueError):
@@ -127,14 +101,13 @@ class Study:
         """(baseline, solver, nfe) for every baseline x solver x NFE."""
         return [(b, s, n) for b in self.baselines for s in self.solvers for n in self.nfes]
 
-    def source_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``load_source(self.dataset, ...)``."""
-        if self.dataset == "gmm":
-            return dict(GMM_PRESETS[self.model["preset"]])
-        if self.dataset == "digits":
-            scale = self.model["guidance_scale"]
-            return {} if scale is None else {"conditional": True, "guidance_scale": scale}
-        return dict(self.model)
+    def source(self) -> ModelSource:
+        """The study's model source (loads the network)."""
+        return get_dataset(self.dataset).source(**self.model)
+
+    def noise_schedule(self) -> NoiseSchedule:
+        """The model's noise schedule, without loading the network."""
+        return get_dataset(self.dataset).noise_schedule(**self.model)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved study in the YAML layout (plain lists and dicts)."""
@@ -153,28 +126,29 @@ class Study:
             "max_failures": self.max_failures,
         }
 
-    def with_overrides(self, **fields: Any) -> Study:
+    def with_overrides(self, model: dict[str, Any] | None = None, **fields: Any) -> Study:
         """A copy with command-line overrides, validated again. Fields: name, solvers, nfes,
         order, baselines, methods (a subset of the study's, by name), n_train, n_valid, n_select, n_eval,
-        trials, sampler, seed, cpus_per_trial, gpus_per_trial, max_concurrent, max_failures,
-        and model options (preset, guidance_scale, checkpoint, ...). None means "not given"."""
+        trials, sampler, seed, cpus_per_trial, gpus_per_trial, max_concurrent, max_failures;
+        ``model``: model options of the dataset (preset, guidance_scale, checkpoint, ...). None
+        means "not given"."""
         data = self.to_dict()
-        model_keys = {k for opts in MODEL_OPTIONS.values() for k in opts}
-        groups = {**dict.fromkeys(DATA_DEFAULTS, "data"), **dict.fromkeys(RESOURCE_DEFAULTS, "resources"),
-                  **dict.fromkeys(model_keys, "model")}
+        groups = {**dict.fromkeys(DATA_DEFAULTS, "data"), **dict.fromkeys(RESOURCE_DEFAULTS, "resources")}
         top = {"name", "solvers", "nfes", "order", "baselines", "trials", "sampler", "seed", "max_failures"}
-        for key, value in fields.items():
+        for key, value in {**fields, "model": model}.items():
             if value is None:
                 continue
             if key == "methods":
                 data["methods"] = self._method_subset(value, data["methods"])
+            elif key == "model":
+                data["model"].update({k: str(v) if isinstance(v, Path) else v for k, v in value.items()})
             elif key in groups:
-                data[groups[key]][key] = str(value) if isinstance(value, Path) else value
+                data[groups[key]][key] = value
             elif key in top:
                 data[key] = list(value) if isinstance(value, tuple) else value
             else:
-                _fail("overrides", key, f"cannot be overridden{_did_you_mean(key, sorted(top | set(groups)))}; "
-                                        f"allowed: {', '.join(sorted(top | set(groups) | {'methods'}))}")
+                allowed = sorted(top | set(groups) | {"methods", "model"})
+                _fail("overrides", key, f"cannot be overridden{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
         return study_from_dict(data, origin="overrides")
 
     def _method_subset(self, names: Any, methods: dict[str, Any]) -> dict[str, Any]:
@@ -185,7 +159,7 @@ class Study:
         for name in names:
             if name not in have:
                 _fail("overrides", "methods", f"{name!r} is not a method of study {self.name}"
-                                              f"{_did_you_mean(name, have)}; choose from {', '.join(have)}")
+                                              f"{did_you_mean(name, have)}; choose from {', '.join(have)}")
         return {k: v for k, v in methods.items() if k in names}
 
     def method(self, name: str) -> MethodSpec:
@@ -250,289 +224,188 @@ def _fail(origin: str, path: str, message: str) -> NoReturn:
     raise StudyError(f"{origin}: {path}: {message}")
 
 
-def _did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
-    """A close match (difflib), else the one choice that contains ``word``."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    if not close:
-        close = [c for c in choices if len(str(word)) >= 3 and str(word).lower() in c.lower()]
-    return f" (did you mean {close[0]!r}?)" if len(close) == 1 else ""
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def option_types(method: str) -> dict[str, frozenset[str]]:
-    """The options of a method's fit function (``ld3``, ``timetuner``, ``oracle``, ``oneshot``,
-    ``delta``) with the value types each takes: int, float, str, bool, None, pair."""
-    out = {}
-    for name, p in inspect.signature(_FIT_FUNCTIONS[method]).parameters.items():
-        if p.default is inspect.Parameter.empty or name in _RESERVED:
-            continue
-        ann = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
-        kinds = {"pair" if a == "tuple[float,float]" else a for a in ann.replace(" ", "").split("|")}
-        if kinds <= {"int", "float", "str", "bool", "None", "pair"}:   # tensors, callables: not options
-            out[name] = frozenset(kinds)
-    return {**out, **_EXTRA.get(method, {})}
-
-
 class _Reader:
-    """Validates one study document; every error names ``origin`` and the field path."""
-
-    def __init__(self, origin: str) -> None:
-        self.origin = origin
-
-    def fail(self, path: str, message: str) -> NoReturn:
-        _fail(self.origin, path, message)
-
-    def mapping(self, value: Any, path: str, allowed: tuple[str, ...] | list[str]) -> dict[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(path or "<top level>", f"must be a mapping with keys {', '.join(allowed)}, got {value!r}")
-        for key in value:
-            if key not in allowed:
-                self.fail(_join(path, str(key)), f"unknown key{_did_you_mean(key, allowed)}; "
-                                                  f"allowed: {', '.join(allowed)}")
-        return value
-
-    def integer(self, value: Any, path: str, low: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.fail(path, f"must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
-        if low is not None and value < low:
-            self.fail(path, f"must be >= {low}, got {value}")
-        return value
-
-    def number(self, value: Any, path: str, low: float | None = None, strict: bool = False) -> float:
-        """A number (YAML's ``1e-3`` without a dot reads as a string and is accepted)."""
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            self.fail(path, f"must be a number, got {value!r}")
-        if low is not None and (value <= low if strict else value < low):
-            self.fail(path, f"must be {'>' if strict else '>='} {low:g}, got {value!r}")
-        return value
-
-    def choice(self, value: Any, path: str, allowed: tuple[str, ...] | list[str]) -> str:
-        if value not in allowed or not isinstance(value, str):
-            self.fail(path, f"unknown value {value!r}{_did_you_mean(value, allowed)}; "
-                            f"choose one of {', '.join(allowed)}")
-        return value
-
-    def names(self, value: Any, path: str, allowed: tuple[str, ...], empty: bool = False) -> tuple[str, ...]:
-        if not isinstance(value, list) or (not value and not empty):
-            self.fail(path, f"must be a {'' if empty else 'non-empty '}list of names from {', '.join(allowed)}, "
-                            f"got {value!r}")
-        out = tuple(self.choice(v, f"{path}[{i}]", allowed) for i, v in enumerate(value))
-        if len(set(out)) != len(out):
-            self.fail(path, f"lists a name twice: {value!r}")
-        return out
+    """Validates one study document; every error (``OptionError``) names the field path."""
 
     # --- the parts of a study
 
     def model(self, value: Any, dataset: str) -> dict[str, Any]:
-        own = MODEL_OPTIONS[dataset]
+        own = DATASETS[dataset].options
         if isinstance(value, dict):
             for key in value:
-                other = [d for d, opts in MODEL_OPTIONS.items() if key in opts and d != dataset]
-                if other:
-                    self.fail(f"model.{key}", f"is an option of dataset {other[0]}, not {dataset}; "
-                                              f"{dataset} takes: {', '.join(own)}")
-        given = self.mapping(value, "model", tuple(own))
-        model = {**own, **given}
-        if dataset == "gmm":
-            self.choice(model["preset"], "model.preset", tuple(GMM_PRESETS))
-        elif dataset == "digits":
-            if model["guidance_scale"] is not None:
-                model["guidance_scale"] = float(self.number(model["guidance_scale"], "model.guidance_scale"))
-        else:
-            for key, path in model.items():
-                if isinstance(path, Path):
-                    model[key] = str(path)
-                elif path is not None and (not isinstance(path, str) or not path):
-                    self.fail(f"model.{key}", f"must be a path or null, got {path!r}")
-        return model
+                other = [d for d, ds in DATASETS.items() if key in ds.options and d != dataset]
+                if other and key not in own:
+                    fail(f"model.{key}", f"is an option of dataset {other[0]}, not {dataset}; "
+                                         f"{dataset} takes: {', '.join(own)}")
+            value = {k: str(v) if isinstance(v, Path) else v for k, v in value.items()}
+        return DATASETS[dataset].parse(value, "model")
+
+    def names(self, value: Any, path: str, allowed: tuple[str, ...], empty: bool = False) -> tuple[str, ...]:
+        if not isinstance(value, list) or (not value and not empty):
+            fail(path, f"must be a {'' if empty else 'non-empty '}list of names from {', '.join(allowed)}, "
+                       f"got {value!r}")
+        out = tuple(choice(v, f"{path}[{i}]", allowed) for i, v in enumerate(value))
+        if len(set(out)) != len(out):
+            fail(path, f"lists a name twice: {value!r}")
+        return out
 
     def nfes(self, value: Any, solvers: tuple[str, ...]) -> tuple[int, ...]:
         if not isinstance(value, list) or not value:
-            self.fail("nfes", f"must be a non-empty list of integers >= 1, got {value!r}")
-        out = tuple(self.integer(v, f"nfes[{i}]", 1) for i, v in enumerate(value))
+            fail("nfes", f"must be a non-empty list of integers >= 1, got {value!r}")
+        out = tuple(integer(v, f"nfes[{i}]", 1) for i, v in enumerate(value))
         if len(set(out)) != len(out):
-            self.fail("nfes", f"lists an NFE twice: {value!r}")
+            fail("nfes", f"lists an NFE twice: {value!r}")
         for i, n in enumerate(out):
             for s in solvers:
                 if steps_for_nfe(s, n) is None:
                     near = [m for m in (n - 1, n + 1) if m >= 1 and steps_for_nfe(s, m) is not None]
-                    self.fail(f"nfes[{i}]", f"solver {s} cannot spend exactly {n} network calls; "
-                                            f"it can spend {' or '.join(map(str, near))}")
+                    fail(f"nfes[{i}]", f"solver {s} cannot spend exactly {n} network calls; "
+                                       f"it can spend {' or '.join(map(str, near))}")
         return out
 
     def order(self, value: Any, solvers: tuple[str, ...], path: str) -> int | None:
         if value is not None:
-            self.integer(value, path, 1)
+            integer(value, path, 1)
         for s in solvers:
             try:
                 solver_spec(s, value)
             except ValueError as e:
-                self.fail(path, str(e))
+                fail(path, str(e))
         return value
 
     def teacher(self, value: Any) -> TeacherConfig:
         d = TeacherConfig()
-        given = self.mapping(value, "teacher", ("solver", "nfe", "discretization", "order"))
+        given = mapping(value, "teacher", ("solver", "nfe", "discretization", "order"))
         t = {"solver": d.solver, "nfe": d.nfe, "discretization": d.discretization, "order": d.order, **given}
-        solver = self.choice(t["solver"], "teacher.solver", tuple(SOLVERS))
-        nfe = self.integer(t["nfe"], "teacher.nfe", 1)
+        solver = choice(t["solver"], "teacher.solver", tuple(SOLVERS))
+        nfe = integer(t["nfe"], "teacher.nfe", 1)
         if steps_for_nfe(solver, nfe) is None:
-            self.fail("teacher.nfe", f"solver {solver} cannot spend exactly {nfe} network calls; use {nfe + 1}")
-        return TeacherConfig(solver, nfe, self.choice(t["discretization"], "teacher.discretization", KINDS),
+            fail("teacher.nfe", f"solver {solver} cannot spend exactly {nfe} network calls; use {nfe + 1}")
+        return TeacherConfig(solver, nfe, choice(t["discretization"], "teacher.discretization", KINDS),
                              self.order(t["order"], (solver,), "teacher.order"))
 
-    def value(self, value: Any, kinds: frozenset[str], path: str, name: str) -> Any:
-        """A fixed option value of one of ``kinds`` (and of ``OPTION_VALUES[name]`` for strings)."""
-        if value is None and "None" in kinds:
-            return None
-        if "bool" in kinds and isinstance(value, bool):
-            return value
-        if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if "float" in kinds:
-            return float(self.number(value, path))
-        if "str" in kinds and isinstance(value, str):
-            return self.choice(value, path, OPTION_VALUES[name]) if name in OPTION_VALUES else value
-        if "pair" in kinds and isinstance(value, (list, tuple)) and len(value) == 2:
-            return [float(self.number(v, f"{path}[{i}]")) for i, v in enumerate(value)]
-        wanted = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-                  "None": "null", "pair": "a list of two numbers"}
-        self.fail(path, f"must be {' or '.join(wanted[k] for k in sorted(kinds))}, got {value!r}")
-
-    def options(self, value: Any, method: str, path: str, nested: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Fixed options of ``method``'s fit function; ``nested``: option dicts of other fits."""
-        types = option_types(method)
-        out = {}
-        for key, v in self.mapping(value, path, tuple(types) + nested).items():
-            if key in nested:
-                out[key] = self.options(v, key, _join(path, key))
-            else:
-                out[key] = self.value(v, types[key], _join(path, key), key)
-        return out
-
-    def param_types(self, method: str, name: str, path: str) -> tuple[str, frozenset[str]]:
-        """The option a (dotted) parameter name sets: (its leaf name, its value types)."""
-        nested, parts = NESTED.get(method, ()), name.split(".")
+    def param_option(self, method: str, name: str, path: str) -> Option:
+        """The option a (dotted) parameter name sets."""
+        nested, parts = METHODS[method].nested, name.split(".")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] not in nested):
             hint = f"nested names are {', '.join(n + '.OPTION' for n in nested)}" if nested \
                 else f"{method} has no nested options"
-            self.fail(path, f"unknown parameter; {hint}")
+            fail(path, f"unknown parameter; {hint}")
         owner = parts[0] if len(parts) == 2 else method
-        types = option_types(owner)
-        if parts[-1] not in types:
-            self.fail(path, f"{parts[-1]!r} is not an option of {owner}{_did_you_mean(parts[-1], tuple(types))}; "
-                            f"options: {', '.join(types)}")
-        return parts[-1], types[parts[-1]]
+        options = METHODS[owner].options
+        if parts[-1] not in options:
+            fail(path, f"{parts[-1]!r} is not an option of {owner}{did_you_mean(parts[-1], options)}; "
+                       f"options: {', '.join(options)}")
+        return options[parts[-1]]
 
     def param(self, name: str, entry: Any, method: str, path: str) -> Param:
-        leaf, kinds = self.param_types(method, name, path)
+        option = self.param_option(method, name, path)
+        leaf, kinds = option.name, option.kinds
         if not isinstance(entry, dict) or "type" not in entry:
-            self.fail(path, f"must be a mapping with a type ({', '.join(PARAM_TYPES)}), got {entry!r}")
-        kind = self.choice(entry["type"], f"{path}.type", PARAM_TYPES)
+            fail(path, f"must be a mapping with a type ({', '.join(PARAM_TYPES)}), got {entry!r}")
+        kind = choice(entry["type"], f"{path}.type", PARAM_TYPES)
         keys = {"uniform": ("low", "high"), "loguniform": ("low", "high"), "int": ("low", "high", "log"),
                 "choice": ("values",)}[kind]
-        self.mapping(entry, path, ("type",) + keys)
+        mapping(entry, path, ("type",) + keys)
         for key in keys:
             if key not in entry and key != "log":
-                self.fail(_join(path, key), f"is required for type {kind}")
+                fail(join(path, key), f"is required for type {kind}")
         if kind == "choice":
             values = entry["values"]
             if not isinstance(values, list) or not values:
-                self.fail(f"{path}.values", f"must be a non-empty list, got {values!r}")
+                fail(f"{path}.values", f"must be a non-empty list, got {values!r}")
             if "pair" in kinds:
-                self.fail(path, f"{leaf} is a pair and cannot be searched; fix it under options")
-            out = tuple(self.value(v, kinds, f"{path}.values[{i}]", leaf) for i, v in enumerate(values))
+                fail(path, f"{leaf} is a pair and cannot be searched; fix it under options")
+            out = tuple(option.parse(v, f"{path}.values[{i}]") for i, v in enumerate(values))
             if len(set(out)) != len(out):
-                self.fail(f"{path}.values", f"lists a value twice: {values!r}")
+                fail(f"{path}.values", f"lists a value twice: {values!r}")
             return Param(name, kind, values=out)
         if kind == "int":
             if not kinds & {"int", "float"}:
-                self.fail(f"{path}.type", f"{leaf} takes {'/'.join(sorted(kinds))}; use type choice")
-            low, high = (self.integer(entry[k], f"{path}.{k}") for k in ("low", "high"))
+                fail(f"{path}.type", f"{leaf} takes {'/'.join(sorted(kinds))}; use type choice")
+            low, high = (integer(entry[k], f"{path}.{k}") for k in ("low", "high"))
             log = entry.get("log", False)
             if not isinstance(log, bool):
-                self.fail(f"{path}.log", f"must be true or false, got {log!r}")
+                fail(f"{path}.log", f"must be true or false, got {log!r}")
             if log and low < 1:
-                self.fail(f"{path}.low", f"must be >= 1 for a log-scaled int parameter, got {low}")
+                fail(f"{path}.low", f"must be >= 1 for a log-scaled int parameter, got {low}")
         else:
             if "float" not in kinds:
-                self.fail(f"{path}.type", f"{leaf} takes {'/'.join(sorted(kinds))}, not a float; "
-                                          f"use type {'int' if 'int' in kinds else 'choice'}")
-            low, high = (float(self.number(entry[k], f"{path}.{k}")) for k in ("low", "high"))
+                fail(f"{path}.type", f"{leaf} takes {'/'.join(sorted(kinds))}, not a float; "
+                                     f"use type {'int' if 'int' in kinds else 'choice'}")
+            low, high = (float(number(entry[k], f"{path}.{k}")) for k in ("low", "high"))
             log = False
             if kind == "loguniform" and low <= 0:
-                self.fail(f"{path}.low", f"must be > 0 for a loguniform parameter, got {low:g}")
+                fail(f"{path}.low", f"must be > 0 for a loguniform parameter, got {low:g}")
         if low >= high:
-            self.fail(f"{path}.low", f"must be below high ({high:g}), got {low:g}")
+            fail(f"{path}.low", f"must be below high ({high:g}), got {low:g}")
+        option.parse(low, f"{path}.low")   # the range lies within the option's bounds
         return Param(name, kind, low, high, log)
 
     def method(self, name: str, value: Any, study: dict[str, Any]) -> MethodSpec:
         path = f"methods.{name}"
-        if name in ("dmn", "gits"):
-            self.fail(path, f"{name} has nothing to search; list it under baselines")
+        if name in METHODS and not METHODS[name].searchable:
+            fail(path, f"{name} has nothing to search; list it under baselines")
         if name not in SEARCHABLE:
-            self.fail(path, f"unknown method{_did_you_mean(name, SEARCHABLE)}; choose from {', '.join(SEARCHABLE)}")
-        if name == "timetuner" and study["dataset"] == "cifar10":
-            self.fail(path, "timetuner trains on real data, available for gmm and digits only")
-        if name == "delta" and min(steps_for_nfe(s, n) for s in study["solvers"] for n in study["nfes"]) < 2:
-            self.fail(path, "the delta predictor needs at least 2 steps; raise the smallest NFE")
-        spec = self.mapping(value, path, ("options", "space"))
-        options = self.options(spec.get("options"), name, f"{path}.options", NESTED.get(name, ()))
+            fail(path, f"unknown method{did_you_mean(name, SEARCHABLE)}; choose from {', '.join(SEARCHABLE)}")
+        method = METHODS[name]
+        reason = method.unsupported(study["solvers"], study["steps"], DATASETS[study["dataset"]].has_real_data)
+        if reason:
+            fail(path, reason)
+        spec = mapping(value, path, ("options", "space"))
+        options = parse_options(method.options, spec.get("options"), f"{path}.options", nested_schemas(method))
         space_path = f"{path}.space"
         entries = spec.get("space") or {}
         if not isinstance(entries, dict):
-            self.fail(space_path, f"must be a mapping of option names to {{type: {'|'.join(PARAM_TYPES)}, ...}}")
-        space = tuple(self.param(str(p), entry, name, _join(space_path, str(p))) for p, entry in entries.items())
+            fail(space_path, f"must be a mapping of option names to {{type: {'|'.join(PARAM_TYPES)}, ...}}")
+        space = tuple(self.param(str(p), entry, name, join(space_path, str(p))) for p, entry in entries.items())
         for p in space:
             *parents, leaf = p.name.split(".")
             fixed = options.get(parents[0], {}) if parents else options
             if leaf in fixed:
-                self.fail(_join(space_path, p.name), f"is also fixed under {path}.options; set it in one place")
+                fail(join(space_path, p.name), f"is also fixed under {path}.options; set it in one place")
         return MethodSpec(name, options, space)
 
     def study(self, data: Any) -> Study:
-        d = self.mapping(data, "", TOP_KEYS)
+        d = mapping(data, "", TOP_KEYS)
         if "dataset" not in d:
-            self.fail("dataset", f"is required; choose one of {', '.join(DATASETS)}")
-        dataset = self.choice(d["dataset"], "dataset", DATASETS)
+            fail("dataset", f"is required; choose one of {', '.join(DATASETS)}")
+        dataset = choice(d["dataset"], "dataset", tuple(DATASETS))
         name = d.get("name", dataset)
         if not isinstance(name, str) or not _NAME.match(name):
-            self.fail("name", f"must be a word of letters, digits, '_', '.', '-', got {name!r}")
+            fail("name", f"must be a word of letters, digits, '_', '.', '-', got {name!r}")
         solvers = self.names(d.get("solvers"), "solvers", tuple(SOLVERS))
         nfes = self.nfes(d.get("nfes"), solvers)
-        order = self.order(d.get("order"), solvers, "order")
-        sizes = {**DATA_DEFAULTS, **self.mapping(d.get("data"), "data", tuple(DATA_DEFAULTS))}
+        steps = [steps_for_nfe(s, n) for s in solvers for n in nfes]
+        has_real_data = DATASETS[dataset].has_real_data
+        sizes = {**DATA_DEFAULTS, **mapping(d.get("data"), "data", tuple(DATA_DEFAULTS))}
         baselines = self.names(d.get("baselines", list(BASELINES)), "baselines", BASELINES, empty=True)
-        if "dmn" in baselines:
-            for s in solvers:
-                if s not in DMN_SOLVERS:
-                    self.fail("baselines", f"dmn supports solvers {', '.join(DMN_SOLVERS)}, not {s}; "
-                                           "drop dmn or the solver")
+        for b in baselines:
+            reason = METHODS[b].unsupported(solvers, steps, has_real_data) if b in METHODS else None
+            if reason:
+                fail("baselines", f"{reason}; drop {b} or the solver")
         methods = d.get("methods")
         if not isinstance(methods, dict) or not methods:
-            self.fail("methods", f"must be a non-empty mapping of methods ({', '.join(SEARCHABLE)}), got {methods!r}")
-        context = {"dataset": dataset, "solvers": solvers, "nfes": nfes}
-        specs = tuple(self.method(str(m), v, context) for m, v in methods.items())
-        res = {**RESOURCE_DEFAULTS, **self.mapping(d.get("resources"), "resources", tuple(RESOURCE_DEFAULTS))}
+            fail("methods", f"must be a non-empty mapping of methods ({', '.join(SEARCHABLE)}), got {methods!r}")
+        context = {"dataset": dataset, "solvers": solvers, "steps": steps}
+        res = {**RESOURCE_DEFAULTS, **mapping(d.get("resources"), "resources", tuple(RESOURCE_DEFAULTS))}
         return Study(
-            name, dataset, self.model(d.get("model"), dataset), solvers, nfes, order, self.teacher(d.get("teacher")),
-            *(self.integer(sizes[k], f"data.{k}", 1 if k == "n_train" else 2)
-              for k in DATA_DEFAULTS), baselines, specs,
-            self.integer(d.get("trials", 10), "trials", 1), self.choice(d.get("sampler", "tpe"), "sampler", SAMPLERS),
-            self.integer(d.get("seed", 0), "seed", 0),
-            self.number(res["cpus_per_trial"], "resources.cpus_per_trial", 0, strict=True),
-            self.number(res["gpus_per_trial"], "resources.gpus_per_trial", 0),
-            self.integer(res["max_concurrent"], "resources.max_concurrent", 1),
-            self.integer(d.get("max_failures", 0), "max_failures", 0))
+            name=name, dataset=dataset, model=self.model(d.get("model"), dataset), solvers=solvers, nfes=nfes,
+            order=self.order(d.get("order"), solvers, "order"), teacher=self.teacher(d.get("teacher")),
+            **{k: integer(sizes[k], f"data.{k}", 1 if k == "n_train" else 2) for k in DATA_DEFAULTS},
+            baselines=baselines, methods=tuple(self.method(str(m), v, context) for m, v in methods.items()),
+            trials=integer(d.get("trials", 10), "trials", 1),
+            sampler=choice(d.get("sampler", "tpe"), "sampler", SAMPLERS),
+            seed=integer(d.get("seed", 0), "seed", 0),
+            cpus_per_trial=number(res["cpus_per_trial"], "resources.cpus_per_trial", 0, strict=True),
+            gpus_per_trial=number(res["gpus_per_trial"], "resources.gpus_per_trial", 0),
+            max_concurrent=integer(res["max_concurrent"], "resources.max_concurrent", 1),
+            max_failures=integer(d.get("max_failures", 0), "max_failures", 0))
 
 
 def study_from_dict(data: dict, origin: str = "<dict>") -> Study:
     """Validate a study document (the YAML layout); errors name ``origin``."""
-    return _Reader(origin).study(data)
+    try:
+        return _Reader().study(data)
+    except OptionError as e:
+        raise StudyError(f"{origin}: {e}") from None

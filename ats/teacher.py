@@ -21,11 +21,12 @@ from torch import Tensor
 
 from .atomic import write_atomic
 from .discretize import get_timesteps
-from .models.sources import ModelSource
+from .models.base import ModelSource
 from .solvers import steps_for_nfe
 from .solvers import sample, solver_spec
 
 FORMAT_VERSION = 1
+DEFAULT_CACHE = ".ats-cache/teacher"   # where teacher targets are cached unless told otherwise
 SPLIT_OFFSETS = {"train": 0, "valid": 10_000_000, "eval": 20_000_000, "select": 30_000_000}
 SPLIT_SIZE = 10_000_000
 
@@ -63,6 +64,10 @@ class TeacherData(NamedTuple):
 
     def to(self, device: torch.device | str | None) -> "TeacherData":
         return TeacherData(*(None if v is None else v.to(device) for v in self))
+
+    def first(self, n: int) -> "TeacherData":
+        """The first ``n`` samples."""
+        return TeacherData(*(None if v is None else v[:n] for v in self))
 
 
 def cache_key(source: ModelSource, config: TeacherConfig, dtype: torch.dtype) -> dict:
@@ -108,7 +113,7 @@ def _compute_block(source: ModelSource, timesteps: Tensor, config: TeacherConfig
 
 
 def generate_teacher(source: ModelSource, seeds: range, config: TeacherConfig = TeacherConfig(),
-                     cache: str | Path = ".ats-cache/teacher", dtype: torch.dtype = torch.float32,
+                     cache: str | Path = DEFAULT_CACHE, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None, block_size: int = 100,
                      progress: Callable[[int], None] | None = None) -> TeacherData:
     """Teacher data for ``seeds`` (a range), computing only the blocks not yet on disk.

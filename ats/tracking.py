@@ -273,7 +273,7 @@ def git_commit() -> str | None:
 
 def load_result(run_id: str, tracking_uri: str | None = None) -> FitResult:
     """A run's learned schedule or predictor, from its ``result/result.pt`` artifact, in one call."""
-    from .methods.common import load_result as load_result_file
+    from .methods.results import load_result as load_result_file
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
     with tempfile.TemporaryDirectory() as tmp:

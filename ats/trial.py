@@ -21,13 +21,15 @@ import torch
 
 from .atomic import write_atomic
 from .discretize import KINDS
-from .evaluate import L2_SAMPLES, baseline_result, is_oracle, result_samples_and_schedules, seed_set
+from .evaluate import L2_SAMPLES, baseline_result, seed_set
 from .intervals import FidEstimate
-from .methods import fit_method
-from .methods.common import FitResult, load_result, save_result, save_schedule_json
-from .metrics import frechet_estimate, l2_loss
-from .models.sources import ModelSource, load_source
-from .solvers import sample
+from .methods import METHODS, FitContext, fit_method
+from .methods.common import FitResult
+from .methods.results import load_result, sample_result, save_result, save_schedule_json, with_schedules
+from .losses import l2_loss
+from .metrics import frechet_estimate
+from .models.base import ModelSource
+from .models.sources import get_dataset
 from .study import Study
 from .teacher import TeacherData, generate_teacher, split_seeds
 
@@ -43,30 +45,14 @@ class Scored:
     samples: torch.Tensor       # the first evaluation samples (for the grid)
 
 
-def study_source(study: Study) -> ModelSource:
-    return load_source(study.dataset, **study.source_options())
-
-
 def check_inputs(study: Study) -> ModelSource:
     """Everything a study reads from disk, checked before anything runs: one error that lists
-    every missing file and where it goes (cifar10: checkpoint, InceptionV3 weights, FID reference)."""
-    problems = []
-    if study.dataset == "cifar10":
-        from .metrics import find_inception_weights
-        from .models.diffusers_unet import check_checkpoint_dir
-        opts = study.source_options()
-        for check in (lambda: check_checkpoint_dir(opts.get("checkpoint")),
-                      lambda: find_inception_weights(opts.get("inception_weights"))):
-            try:
-                check()
-            except (ValueError, FileNotFoundError) as e:
-                problems.append(str(e))
-        if not opts.get("fid_reference"):
-            problems.append("cifar10 FID needs --fid-reference: a .npz with mu/sigma of the real images "
-                            "(or a folder of real images)")
+    every missing file and where it goes (cifar10: checkpoint, InceptionV3 weights, FID reference);
+    then the model source."""
+    problems = get_dataset(study.dataset).problems(**study.model)
     if problems:
         raise FileNotFoundError("; ".join(problems))
-    return study_source(study)
+    return study.source()
 
 
 def split_size(study: Study, split: str) -> int:
@@ -86,20 +72,10 @@ def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, o
     """A baseline's schedule (fixed discretizations, dmn, gits) or a method's fit."""
     if method in KINDS:
         return baseline_result(source, method, solver, nfe, study.order)
-    if progress is not None and method not in ("dmn", "gits"):
-        options = {**options, "progress": _progress_adapter(progress)}
+    report = None if progress is None else \
+        (lambda phase, step, loss: progress({"phase": phase, "step": int(step), "loss": float(loss)}))
     return fit_method(method, source, solver, nfe, study.order, study.n_train, study.n_valid, study.teacher,
-                      cache, study.seed, options, device=device)
-
-
-def _progress_adapter(progress: Progress) -> Callable[..., None]:
-    """The methods call progress(step, train_loss, valid_loss) or progress(round, step, loss)."""
-    def report(*args) -> None:
-        if isinstance(args[0], str):
-            progress({"phase": args[0], "step": int(args[1]), "loss": float(args[2])})
-        else:
-            progress({"phase": "fit", "step": int(args[0]), "loss": float(args[-1])})
-    return report
+                      cache, study.seed, options, device=device, progress=report)
 
 
 @dataclass
@@ -117,31 +93,22 @@ class SplitScore:
                 f"l2_{split}": self.l2, f"n_{split}": self.fid.n}
 
 
-def score(study: Study, source: ModelSource, result: FitResult, method_options: dict[str, Any],
+def score(study: Study, source: ModelSource, result: FitResult, options: dict[str, Any],
           split: str, cache: str | Path, device: torch.device | str | None = None) -> SplitScore:
     """The fit on the seeds of ``split`` (``select``: the search objective; ``eval``: the final
     table). Per-sample (oracle) schedules belong to their own samples: the oracle is refitted on
     the split's samples (it needs their teacher targets), with the same settings, from the same
     starting schedule."""
     n = split_size(study, split)
-    schedules = None
-    if is_oracle(result):
-        from .methods.oracle import fit_oracle
-        data = split_data(study, source, split, cache, device)
-        x, labels = data.latents, data.labels
-        init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
-        options = {k: v for k, v in method_options.items() if k not in ("ld3", "progress")}
-        schedules = fit_oracle(source, data, result.solver, result.steps, result.order,
-                               init=init, seed=study.seed, **options).per_sample
-        with torch.no_grad():
-            out = sample(source.model_fn_for(labels), source.noise_schedule, x, schedules.to(x.dtype),
-                         result.solver, order=result.order)
-    else:
-        seeds = split_seeds(split, n)
-        x = source.latents(seeds, dtype=source.dtype, device=device)
-        labels = source.labels(seeds)
-        labels = None if labels is None else labels.to(x.device)
-        out, schedules = result_samples_and_schedules(source, result, x, labels)
+    seeds = split_seeds(split, n)
+    x = source.latents(seeds, dtype=source.dtype, device=device)
+    labels = source.labels(seeds)
+    labels = None if labels is None else labels.to(x.device)
+    if result.tied_to_seeds:   # schedules of other samples: the method gives these samples' own
+        ctx = FitContext(source, result.solver, result.steps, result.order, seed=study.seed, device=device)
+        own = METHODS[result.method].schedules_for(ctx, result, options, split_data(study, source, split, cache, device))
+        result = with_schedules(result, own)
+    out, schedules = sample_result(source, result, x, labels)
     m = min(n, L2_SAMPLES)
     targets = split_data(study, source, split, cache, device, n=m).targets
     return SplitScore(frechet_estimate(source.make_metric(), out, seed_set(split, n)),
@@ -154,7 +121,7 @@ def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[st
     """Fit, score on each of ``splits`` (``ats search`` scores a trial on ``select`` and only the
     chosen one on ``eval``, with ``evaluate_folder``), write the result folder ``out``.
     ``device``: where the fit and the sampling run (the source's networks are moved there)."""
-    source = (source or study_source(study)).to(device or "cpu")
+    source = (source or study.source()).to(device or "cpu")
     start = time.perf_counter()
     result = fit(study, source, method, solver, nfe, options, cache, progress, device)
     metrics: dict[str, float] = {"fit_seconds": time.perf_counter() - start}
@@ -173,7 +140,7 @@ def evaluate_folder(study: Study, folder: str | Path, options: dict[str, Any], c
     """Score the fit of a result folder on the held-out evaluation seeds and add that to the
     folder (metrics, fid.json, samples and per-sample schedules of the evaluation seeds)."""
     folder = Path(folder)
-    source = (source or study_source(study)).to(device or "cpu")
+    source = (source or study.source()).to(device or "cpu")
     result = load_result(folder / "result.pt")
     s = score(study, source, result, options, "eval", cache, device)
     metrics = {**json.loads((folder / "metrics.json").read_text()), **s.metrics("eval")}

@@ -206,10 +206,10 @@ def prepare_teacher(study: dict, cache: str) -> None:
     the fits use, and the first seeds of the selection and evaluation sets (the L2 column)."""
     from .evaluate import L2_SAMPLES
     from .study import study_from_dict
-    from .trial import split_data, split_size, study_source
+    from .trial import split_data, split_size
     spec = study_from_dict(study, origin="study.yaml")
     device = _worker_setup(spec)
-    source = study_source(spec).to(device)
+    source = spec.source().to(device)
     for split in ("train", "valid", "select", "eval"):
         split_data(spec, source, split, cache, device, n=min(split_size(spec, split), L2_SAMPLES)
                    if split in ("select", "eval") else None)
@@ -527,7 +527,6 @@ def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list
     import torch
 
     from .plots import plot_fid_intervals, plot_fid_vs_nfe, plot_schedules
-    from .trial import study_source
     out = folder / "summary"
     metrics = {}
     for r in rows:
@@ -546,7 +545,7 @@ def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list
             plot_fid_vs_nfe(mine, out / f"fid_vs_nfe-{solver}.png")
         else:
             plot_fid_intervals(mine, out / f"fid-{solver}-nfe{study.nfes[0]}.png")
-    ns = study_source(study).noise_schedule
+    ns = study.noise_schedule()
     for solver in study.solvers:
         for nfe in study.nfes:
             lines, cond = {}, {}

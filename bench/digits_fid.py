@@ -23,19 +23,20 @@ from pathlib import Path
 import torch
 
 from ats.atomic import write_atomic
-from ats.baselines import evaluate_table, sample_batched
-from ats.discretize import KINDS, get_timesteps
+from ats.compare import evaluate_table, sample_batched
+from ats.discretize import FIXED, get_timesteps
 from ats.evaluate import seed_set
-from ats.metrics import digits_metric, frechet_distance, frechet_estimate, frechet_metric, QuantizedFeatures, to_uint8
+from ats.metrics import frechet_distance, frechet_estimate, frechet_metric, QuantizedFeatures, to_uint8
+from ats.models.digits import digits_metric
 from ats.models.digits import load_digits_classifier, load_digits_data
-from ats.models.sources import digits_source
+from ats.models.digits import digits_source
 from ats.plots import save_image_grid
 from ats.teacher import split_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SOLVERS = ("uni_pc", "dpm_solver++", "ipndm", "ddim")
 NFES = (3, 5, 7, 10)
-DISCRETIZATIONS = KINDS[:4]
+DISCRETIZATIONS = FIXED
 
 
 def write_text(path: Path, text: str) -> None:

@@ -33,20 +33,22 @@ from pathlib import Path
 import torch
 
 from ats.atomic import write_atomic
-from ats.discretize import KINDS, get_timesteps
-from ats.baselines import sample_batched
-from ats.evaluate import L2_SAMPLES, result_samples, seed_set
+from ats.discretize import FIXED, get_timesteps
+from ats.compare import sample_batched
+from ats.evaluate import L2_SAMPLES, seed_set
+from ats.methods.results import sample_result
 from ats.intervals import Change, FidEstimate
-from ats.methods import first_n, fit_method
+from ats.methods import fit_method
 from ats.methods.dmn import fit_dmn
 from ats.methods.gits import fit_gits
 from ats.methods.ld3 import Student, fit_ld3
 from ats.methods.oracle import fit_oracle
 from ats.methods.predictors import PredictorSampler, auto_width, fit_predictor
-from ats.metrics import frechet_estimate, l2_loss
+from ats.losses import l2_loss
+from ats.metrics import frechet_estimate
 from ats.models.sources import GMM_PRESETS, load_source
-from ats.solvers import sample
-from ats.teacher import TeacherConfig, generate_teacher, split_seeds
+from ats.solvers import sample, steps_for_nfe
+from ats.teacher import DEFAULT_CACHE, TeacherConfig, generate_teacher, split_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EXTRAS = ("timetuner_ddim10", "oracle_speed", "predictor_overhead_nfe5", "predictor_overhead_nfe5_width64")
@@ -60,7 +62,7 @@ def dataset_source(name: str):
         preset = name[4:]
         if preset not in GMM_PRESETS:
             raise SystemExit(f"unknown mixture preset {preset!r}; choose one of {', '.join(GMM_PRESETS)}")
-        return name, load_source("gmm", **GMM_PRESETS[preset])
+        return name, load_source("gmm", preset=preset)
     return name, load_source(name)
 
 
@@ -86,38 +88,39 @@ def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
     metric = source.make_metric()
     ns, name = source.noise_schedule, seed_set("eval", args.n_eval)
     rows, seconds, fids = {}, {}, {}
-    for kind in KINDS[:4]:
-        out = sample_batched(source, x, labels, get_timesteps(ns, kind, nfe, dtype=source.dtype), solver)
+    steps = steps_for_nfe(solver, nfe)
+    for kind in FIXED:
+        out = sample_batched(source, x, labels, get_timesteps(ns, kind, steps, dtype=source.dtype), solver)
         fids[kind], rows[kind] = score(metric, out, targets, name)
     fits = {}
     t = time.perf_counter()
-    fits["dmn"] = fit_dmn(ns, solver, nfe)
+    fits["dmn"] = fit_dmn(ns, solver, steps)
     seconds["dmn"] = time.perf_counter() - t
     t = time.perf_counter()
-    fits["gits"] = fit_gits(source, solver, nfe, split_seeds("train", 256))
+    fits["gits"] = fit_gits(source, solver, steps, split_seeds("train", 256))
     seconds["gits"] = time.perf_counter() - t
     t = time.perf_counter()
-    fits["ld3"] = fit_ld3(source, first_n(train, 50), valid, solver, nfe, epochs=args.ld3_epochs)
+    fits["ld3"] = fit_ld3(source, train.first(50), valid, solver, steps, epochs=args.ld3_epochs)
     seconds["ld3"] = time.perf_counter() - t
     base = torch.tensor(fits["ld3"].info["theta"])
     for kind in ("oneshot", "delta"):
         t = time.perf_counter()
-        fits[kind] = fit_predictor(kind, source, train, valid, solver, nfe, base=base, epochs=args.predictor_epochs)
+        fits[kind] = fit_predictor(kind, source, train, valid, solver, steps, base=base, epochs=args.predictor_epochs)
         seconds[kind] = time.perf_counter() - t
     for method, res in fits.items():
-        fids[method], rows[method] = score(metric, result_samples(source, res, x, labels), targets, name)
+        fids[method], rows[method] = score(metric, sample_result(source, res, x, labels)[0], targets, name)
     for method, row in rows.items():
         c = fids[method].change_pct(fids["ld3"])
         row.update(vs_ld3_pct=c.pct, vs_ld3_low=c.low, vs_ld3_high=c.high)
     m = min(args.n_oracle, args.n_eval)
     ev = generate_teacher(source, seeds[:m], **kw)
     t = time.perf_counter()
-    oracle = fit_oracle(source, ev, solver, nfe, init=base, iterations=args.oracle_iterations, restarts=1)
+    oracle = fit_oracle(source, ev, solver, steps, init=base, iterations=args.oracle_iterations, restarts=1)
     seconds["oracle"] = time.perf_counter() - t
     with torch.no_grad():
         out = sample(source.model_fn_for(ev.labels), ns, ev.latents, oracle.per_sample.to(source.dtype), solver)
     oracle_fid, rows["oracle"] = score(metric, out, ev.targets, seed_set("eval", m))
-    ld3_here = frechet_estimate(metric, result_samples(source, fits["ld3"], ev.latents, ev.labels),
+    ld3_here = frechet_estimate(metric, sample_result(source, fits["ld3"], ev.latents, ev.labels)[0],
                                 seed_set("eval", m))
     c = oracle_fid.change_pct(ld3_here)
     rows["oracle"].update(vs_ld3_pct=c.pct, vs_ld3_low=c.low, vs_ld3_high=c.high, ld3_fid_same_seeds=ld3_here.fid)
@@ -282,7 +285,7 @@ def main() -> None:
                    help="only the table rows (no TimeTuner or wall-time figures on digits)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per sampler for the predictor overhead")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--cache", default=".ats-cache/teacher")
+    p.add_argument("--cache", default=DEFAULT_CACHE)
     p.add_argument("--results", default=str(RESULTS), help="folder of quality.{json,md} (merged into)")
     args = p.parse_args()
     torch.manual_seed(0)

@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ats.atomic import write_atomic  # noqa: E402
-from ats.evaluate import result_samples, seed_set  # noqa: E402
+from ats.evaluate import seed_set  # noqa: E402
+from ats.methods.results import sample_result  # noqa: E402
 from ats.intervals import FidEstimate, frechet_from_features, real_statistics  # noqa: E402
 from ats.metrics import fake_features, frechet_estimate  # noqa: E402
-from ats.methods.common import load_result  # noqa: E402
+from ats.methods.results import load_result  # noqa: E402
 from ats.study import load_study  # noqa: E402
 from ats.teacher import split_seeds  # noqa: E402
-from ats.trial import study_source  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL_START = 5_000_000   # evaluation seeds no study reaches
@@ -64,7 +64,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
     study = load_study(args.study_folder / "study.yaml")
-    source = study_source(study)
+    source = study.source()
     metric = source.make_metric()
     mu, cov = real_statistics(metric)
     seeds = split_seeds("eval", args.pool, POOL_START)
@@ -78,7 +78,7 @@ def main() -> None:
             result = load_result(path / "result.pt")
             if result.per_sample is not None and result.predictor is None:
                 continue   # oracle schedules have no samples on fresh seeds
-            out = result_samples(source, result, x, labels)
+            out = sample_result(source, result, x, labels)[0]
             feats.setdefault(cell, {})[name] = fake_features(metric, out)
             pool.setdefault(cell, {})[name] = frechet_estimate(metric, out, seed_set("eval", args.pool, POOL_START))
             print(f"{cell:>28} {name:>16}: pool FID {pool[cell][name].text()}  ({time.time() - start:.0f} s)",

@@ -48,10 +48,11 @@ from ats.discretize import get_timesteps
 from ats.methods.oracle import fit_oracle
 from ats.methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler, auto_width
 from ats.models import model_wrapper
-from ats.models.sources import ModelSource, load_source
+from ats.models.base import ModelSource
+from ats.models.sources import load_source
 from ats.noise import NoiseScheduleVP
 from ats.solvers import sample
-from ats.teacher import TeacherConfig, TeacherData, generate_teacher, split_seeds
+from ats.teacher import DEFAULT_CACHE, TeacherConfig, TeacherData, generate_teacher, split_seeds
 from timing import alternate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -248,7 +249,7 @@ def main() -> None:
                    help="cuda: also the cifar10-sized U-Net on the GPU (the digits figures stay on the CPU)")
     p.add_argument("--quick", action="store_true", help="a smoke run with tiny sizes (writes only with --out)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--cache", type=Path, default=Path(".ats-cache/teacher"), help="digits teacher cache")
+    p.add_argument("--cache", type=Path, default=Path(DEFAULT_CACHE), help="digits teacher cache")
     p.add_argument("--out", type=Path, default=None, help="folder of speed.{json,md} (default bench/results)")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # numpy copy= notice from diffusers

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from ats.discretize import get_timesteps
-from ats.metrics import digits_metric, frechet_distance
+from ats.metrics import frechet_distance
+from ats.models.digits import digits_metric
 from ats.models import digits
-from ats.models.sources import digits_source
+from ats.models.digits import digits_source
 from ats.solvers import sample
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from ats.baselines import reference_solution
+from ats.compare import reference_solution
 from ats.discretize import get_timesteps
+from ats.methods import fit_method
 from ats.methods.dmn import _step_weights, dmn_bound, dmn_timesteps, fit_dmn
 from ats.methods.gits import best_path, fit_gits, gits_cost_matrix, gits_timesteps, refine_grid, teacher_trajectory
-from ats.models.sources import gmm_source
+from ats.models.gmm import gmm_source
 from ats.noise import EDMSchedule, NoiseScheduleVP
 from ats.solvers import sample, step_orders
 
@@ -181,11 +182,11 @@ def test_gits_beats_edm_for_ddim_on_gmm(source, evaluation):
 
 
 def test_fit_gits_result(source):
-    result = fit_gits(source, "heun", 5, range(700, 708), fine_steps=10, teacher_substeps=1)
-    assert result.method == "gits" and result.nfe == 5 and result.timesteps.shape == (4,)
+    result = fit_gits(source, "heun", 3, range(700, 708), fine_steps=10, teacher_substeps=1)
+    assert result.method == "gits" and result.steps == 3 and result.nfe == 5 and result.timesteps.shape == (4,)
     assert result.info["samples"] == 8 and len(result.info["path"]) == 4
     with pytest.raises(ValueError, match="exactly 4 network calls"):
-        fit_gits(source, "heun", 4, range(2))
+        fit_method("gits", source, "heun", 4)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from ats.baselines import evaluate_table
+from ats.compare import evaluate_table
 from ats.models.sources import load_source
 from ats.teacher import split_seeds
 from cli import main

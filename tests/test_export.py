@@ -24,7 +24,8 @@ from diffusers import DPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscr
 
 from ats.discretize import get_timesteps
 from ats.export import ExportError, diffusers_schedule, diffusers_snippet, export_torch
-from ats.methods.common import FitResult, save_result
+from ats.methods.common import FitResult
+from ats.methods.results import save_result
 from ats.methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler
 from ats.models import model_wrapper
 from ats.models.digits import load_digits_unet
@@ -170,7 +171,7 @@ RUN_WITHOUT_ATS = textwrap.dedent("""
 
 @pytest.mark.parametrize("kind,guidance", [("oneshot", None), ("delta", 2.0)])
 def test_torch_export_runs_without_ats(tmp_path, kind, guidance):
-    source = load_source("digits", **({} if guidance is None else dict(conditional=True, guidance_scale=guidance)))
+    source = load_source("digits", guidance_scale=guidance)
     result = predictor_result(kind, source)
     save_result(result, tmp_path / "result.pt")
     folder = tmp_path / "export"

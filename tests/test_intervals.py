@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ats.intervals import FidEstimate, bootstrap_counts
-from ats.metrics import frechet_estimate, gmm_metric
+from ats.metrics import frechet_estimate
+from ats.models.gmm import gmm_metric
 from ats.models.gmm import GaussianMixture
 from ats.report import Row, compare, verdict, write_json
 

@@ -7,7 +7,7 @@ from ats.methods.common import FitDiverged
 from ats.methods.ld3 import fit_ld3
 from ats.methods.oracle import fit_oracle
 from ats.methods.predictors import DeltaPredictor, PredictorSampler, fit_predictor
-from ats.models.sources import gmm_source
+from ats.models.gmm import gmm_source
 from ats.params import timesteps_from_logits
 from ats.teacher import TeacherConfig, generate_teacher, split_seeds
 
@@ -29,8 +29,8 @@ def test_ld3_improves_on_its_start_and_is_reproducible(setup):
     assert torch.equal(a.timesteps, b.timesteps)
     ts = a.timesteps
     assert ts[0] == source.noise_schedule.T and ts[-1] == source.noise_schedule.eps and (ts.diff() < 0).all()
-    assert a.info["best_valid_loss"] < a.history["valid_loss"][0] or a.info["best_valid_loss"] <= min(a.history["valid_loss"])
-    assert a.info["best_valid_loss"] == pytest.approx(min([a.info["best_valid_loss"]] + a.history["valid_loss"]))
+    assert a.info["best_valid_loss"] < 0.95 * a.info["start_valid_loss"]   # it improves on its start
+    assert a.info["best_valid_loss"] == pytest.approx(min([a.info["start_valid_loss"]] + a.history["valid_loss"]))
     assert a.cond_timesteps is not None and a.cond_timesteps.shape == ts.shape
 
 
@@ -48,7 +48,8 @@ def test_ld3_starts_where_asked(setup):
 def test_ld3_interrupt_and_divergence_keep_the_best(setup):
     source, train, valid = setup
 
-    def stop(epoch, train_loss, valid_loss):
+    def stop(phase, epoch, valid_loss):
+        assert phase == "ld3"
         if epoch == 2:
             raise KeyboardInterrupt
     res = fit_ld3(source, train, valid, "uni_pc", 4, epochs=50, progress=stop)
@@ -115,7 +116,7 @@ def test_bad_method_input(setup):
 
 
 def test_auto_width_follows_the_input_and_saved_predictors_reload(setup, tmp_path):
-    from ats.methods.common import save_result
+    from ats.methods.results import save_result
     from ats.methods.predictors import OneShotPredictor, auto_width, load_predictor
     assert auto_width((1, 8, 8)) == 16 and auto_width((3, 32, 32)) == 64 and auto_width((4, 64, 64)) == 64
     assert auto_width((16,)) == 16 and auto_width((2,)) == 16 and auto_width((128,)) == 64

@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from ats.metrics import (Coordinates, digits_metric, frechet_distance, frechet_metric, get_loss, gmm_metric,
-                         l2_loss, pseudo_huber_loss, to_uint8)
+from ats.losses import get_loss, l2_loss, pseudo_huber_loss
+from ats.metrics import Coordinates, frechet_distance, frechet_metric, to_uint8
 from ats.models import GaussianMixture
+from ats.models.digits import digits_metric
+from ats.models.gmm import gmm_metric
 from ats.models.digits import load_digits_data
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ats.models.sources import DATASETS, load_source
+from ats.models.sources import DATASETS
 from ats.study import (Param, Study, StudyError, load_study, study_from_dict, study_path, write_study)
 from ats.teacher import TeacherConfig
 
@@ -62,7 +62,7 @@ def test_shipped_studies_load(dataset):
 def test_shipped_gmm_and_digits_build_their_sources():
     for dataset in ("gmm", "digits"):
         study = load_study(study_path(dataset))
-        assert load_source(study.dataset, **study.source_options()).shape
+        assert study.source().shape
 
 
 def test_study_path_names_the_file_and_the_flag():
@@ -75,7 +75,7 @@ def test_defaults_are_resolved():
     for key in ("model", "data", "baselines", "trials", "name"):
         del doc[key]
     study = study_from_dict(doc)
-    assert study.name == "gmm" and study.model == {"preset": "16d"}
+    assert study.name == "gmm" and study.model == {"preset": "16d", "dim": None, "components": None, "seed": 0}
     assert study.teacher == TeacherConfig() and study.baselines[-2:] == ("dmn", "gits")
     assert (study.n_train, study.n_valid, study.n_select, study.n_eval) == (50, 50, 2000, 5000)
     assert (study.sampler, study.seed, study.max_failures, study.max_concurrent) == ("tpe", 0, 0, 1)
@@ -96,7 +96,19 @@ def test_parsed_values():
     assert ld3.space == (Param("lr", "loguniform", 1e-3, 1e-1),)
     assert oneshot.space[0] == Param("width", "int", 8, 32, log=True)
     assert oneshot.space[2] == Param("loss", "choice", values=("l2", "pseudo_huber"))
-    assert study.source_options() == {"dim": 2, "components": 8}
+    assert study.model == {"preset": "2d", "dim": None, "components": None, "seed": 0}
+    assert study.source().name == "gmm-2d-8k-s0"
+
+
+def test_mixture_of_any_size_and_seed():
+    doc = base()
+    doc["model"] = {"dim": 5, "components": 3, "seed": 4}
+    study = study_from_dict(doc)
+    source = study.source()
+    assert source.shape == (5,) and source.name == "gmm-5d-3k-s4"
+    assert source.info["gmm"].means.shape == (3, 5)
+    doc["model"] = {"dim": 0}
+    assert "model.dim: must be >= 1, got 0" in error(doc)
 
 
 def test_yaml_exponent_without_dot(tmp_path):
@@ -141,11 +153,12 @@ def test_overrides():
     study = study_from_dict(base())
     new = study.with_overrides(solvers=["uni_pc"], nfes=(3,), trials=5, methods=["oneshot"], n_train=4,
                                n_eval=32, cpus_per_trial=0.5, gpus_per_trial=0.25, max_concurrent=3,
-                               sampler="random", seed=7, max_failures=2, preset="16d", n_valid=None)
+                               sampler="random", seed=7, max_failures=2, model={"preset": "16d"}, n_valid=None)
     assert new.cells() == [("oneshot", "uni_pc", 3)]
     assert (new.trials, new.n_train, new.n_valid, new.n_eval) == (5, 4, 8, 32)
     assert (new.cpus_per_trial, new.gpus_per_trial, new.max_concurrent) == (0.5, 0.25, 3)
-    assert (new.sampler, new.seed, new.max_failures, new.model) == ("random", 7, 2, {"preset": "16d"})
+    assert (new.sampler, new.seed, new.max_failures) == ("random", 7, 2)
+    assert new.model == {"preset": "16d", "dim": None, "components": None, "seed": 0}
     assert study.trials == 2                       # the original is unchanged
 
 
@@ -158,25 +171,26 @@ def test_overrides_are_validated():
     with pytest.raises(StudyError, match=r"methods: 'delta' is not a method of study t; choose from ld3, oneshot"):
         study.with_overrides(methods=["delta"])
     with pytest.raises(StudyError, match=r"model\.checkpoint: is an option of dataset cifar10, not gmm"):
-        study.with_overrides(checkpoint=Path("ckpt"))
+        study.with_overrides(model={"checkpoint": Path("ckpt")})
 
 
 def test_cifar10_model_paths():
     doc = edited("dataset", "cifar10")
     doc["model"] = {}
     study = study_from_dict(doc)                   # no checkpoint yet: checked later, by the CLI
-    assert study.source_options() == {"checkpoint": None, "inception_weights": None, "fid_reference": None}
-    new = study.with_overrides(checkpoint=Path("ckpt"), fid_reference="ref.npz")
-    assert new.source_options()["checkpoint"] == "ckpt" and new.model["fid_reference"] == "ref.npz"
+    assert study.model == {"checkpoint": None, "inception_weights": None, "fid_reference": None}
+    new = study.with_overrides(model={"checkpoint": Path("ckpt"), "fid_reference": "ref.npz"})
+    assert new.model["checkpoint"] == "ckpt" and new.model["fid_reference"] == "ref.npz"
     assert study_from_dict(new.to_dict()) == new
 
 
 def test_digits_guidance():
     doc = edited("dataset", "digits")
     doc["model"] = {"guidance_scale": 2}
-    assert study_from_dict(doc).source_options() == {"conditional": True, "guidance_scale": 2.0}
+    assert study_from_dict(doc).model == {"guidance_scale": 2.0}
+    assert study_from_dict(doc).source().num_classes == 10
     doc["model"] = {}
-    assert study_from_dict(doc).source_options() == {}
+    assert study_from_dict(doc).model == {"guidance_scale": None}
 
 
 @pytest.mark.parametrize("path, value, expected", [
@@ -285,7 +299,7 @@ def test_errors_that_depend_on_other_fields():
     assert "methods.timetuner: timetuner trains on real data" in error(doc)
     doc = edited("nfes", [1, 5])
     doc["methods"]["delta"] = {}
-    assert "methods.delta: the delta predictor needs at least 2 steps" in error(doc)
+    assert "methods.delta: delta needs at least 2 steps" in error(doc)
     doc = edited("methods/ld3/options/ratio_range", [0.5, 2.0])
     assert "methods.ld3.options.ratio_range: unknown key" in error(doc)
 

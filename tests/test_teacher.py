@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ats.discretize import get_timesteps
-from ats.models.sources import gmm_source
+from ats.models.gmm import gmm_source
 from ats.solvers import sample
 from ats.teacher import SPLIT_OFFSETS, TeacherConfig, generate_teacher, split_seeds, teacher_dir
 

@@ -7,7 +7,7 @@ import torch
 from ats.discretize import check_time_range, get_timesteps
 from ats.methods.common import FitDiverged, FitResult
 from ats.methods.timetuner import fit_timetuner
-from ats.models.sources import gmm_source
+from ats.models.gmm import gmm_source
 from ats.noise import EDMSchedule
 from ats.params import ratio_cond_timesteps
 from ats.solvers import sample
@@ -43,9 +43,9 @@ def check_result(res: FitResult, source, ts: torch.Tensor) -> torch.Tensor:
 def digits():
     """The shipped digits U-Net (wrapped here so its parameters can be inspected), the real
     digits, the FID on the digits classifier and 500 evaluation latents."""
-    from ats.metrics import digits_metric
+    from ats.models.digits import digits_metric
     from ats.models.digits import digits_noise_schedule, load_digits_data, load_digits_unet
-    from ats.models.sources import digits_source
+    from ats.models.digits import digits_source
     from ats.models.wrapper import model_wrapper
     from ats.teacher import split_seeds
 
@@ -129,8 +129,8 @@ def test_deterministic_and_seeded(gmm_setup):
 def test_progress_and_encode_fn(gmm_setup):
     calls, seen = [], []
     res = quick_fit(gmm_setup, progress=lambda i, it, loss: calls.append((i, it, loss)), iterations=3)
-    assert [(i, it) for i, it, _ in calls] == [(i, it) for i in range(5) for it in range(3)]
-    assert [c[2] for c in calls if c[0] == 2] == res.history["step_2"]
+    assert [(phase, it) for phase, it, _ in calls] == [(f"step {i}", it) for i in range(5) for it in range(3)]
+    assert [c[2] for c in calls if c[0] == "step 2"] == res.history["step_2"]
 
     def identity(x):
         seen.append(x.shape[0])

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import free_port
 
-from ats.methods.common import FitResult, save_result
+from ats.methods.common import FitResult
+from ats.methods.results import save_result
 from ats.methods.predictors import OneShotPredictor
 from ats.noise import NoiseScheduleVP
 from ats.intervals import FidEstimate

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ats.methods.common import load_result
+from ats.methods.results import load_result
 from ats.study import study_from_dict
 from ats.trial import run_trial
 

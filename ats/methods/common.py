@@ -1,17 +1,15 @@
-"""What every schedule-learning method shares: its result, saving it, and guarding a fit."""
+"""What every schedule-learning method shares: its result and guarding a fit (saving and
+sampling a result: ``ats.methods.results``)."""
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from dataclasses import fields as fields_of
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..atomic import write_atomic
 from ..solvers.sampling import nfe as count_nfe
 from ..solvers.sampling import solver_spec, steps_for_nfe
 
@@ -39,6 +37,11 @@ class FitResult:
 
     def __post_init__(self) -> None:
         self.order = solver_spec(self.solver, self.order)[1]
+
+    @property
+    def tied_to_seeds(self) -> bool:
+        """Per-sample schedules without a predictor: they exist only for the seeds they were fitted on."""
+        return self.per_sample is not None and self.predictor is None
 
     @property
     def nfe(self) -> int:
@@ -69,29 +72,6 @@ class FitResult:
         if self.cond_timesteps is not None:
             out["cond_timesteps"] = self.cond_timesteps.tolist()
         return out
-
-
-def save_result(result: FitResult, path: str | Path) -> Path:
-    """A torch file with every tensor of the result (predictor as its state dict and config)."""
-    state = {k: v for k, v in asdict(result).items() if k != "predictor"}
-    if result.predictor is not None:
-        state["predictor"] = {"class": type(result.predictor).__name__,
-                              "config": getattr(result.predictor, "config", {}),
-                              "state_dict": result.predictor.state_dict()}
-    return write_atomic(Path(path), lambda tmp: torch.save(state, tmp))
-
-
-def load_result(path: str | Path) -> FitResult:
-    """The inverse of ``save_result``: every tensor, and the predictor rebuilt from its class
-    name, config and state dict (on the CPU, in eval mode)."""
-    from .predictors import load_predictor
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    saved = state.pop("predictor", None)
-    return FitResult.from_dict(state, predictor=None if saved is None else load_predictor(saved))
-
-
-def save_schedule_json(result: FitResult, path: str | Path) -> Path:
-    return write_atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(result.to_json(), indent=2) + "\n"))
 
 
 class FitDiverged(ValueError):

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ from torch import Tensor
 from ..discretize import get_timesteps, time_ends
 from ..noise import NoiseSchedule
 from ..solvers import solver_spec, step_orders
+from ..options import declare
+from .base import FitContext, Method
 from .common import FitResult, assert_monotone
 
 SOLVERS = ("dpm_solver++", "uni_pc", "ddim")
@@ -213,10 +215,23 @@ def dmn_timesteps(noise_schedule: NoiseSchedule, steps: int, solver: str = "dpm_
     return (t, info) if return_info else t
 
 
-def fit_dmn(noise_schedule: NoiseSchedule, solver: str, nfe: int, order: int | None = None,
+def fit_dmn(noise_schedule: NoiseSchedule, solver: str, steps: int, order: int | None = None,
             **options) -> FitResult:
-    """``dmn_timesteps`` at ``nfe`` network calls (= steps for the supported solvers) as a FitResult."""
+    """``dmn_timesteps`` with ``steps`` steps as a FitResult."""
     began = time.perf_counter()
-    t, info = dmn_timesteps(noise_schedule, nfe, solver, order, return_info=True, **options)
+    t, info = dmn_timesteps(noise_schedule, steps, solver, order, return_info=True, **options)
     info["seconds"] = time.perf_counter() - began
     return FitResult("dmn", solver, order, len(t) - 1, timesteps=t, info=info)
+
+
+class DMN(Method):
+    """A baseline: the data-free schedule minimising the solver's error bound."""
+    name = "dmn"
+    searchable = False
+    solvers = SOLVERS
+    options = declare(dmn_timesteps, ("noise_schedule", "steps", "solver", "order", "lower_order_final",
+                                      "return_info"),
+                      low={"trunc": 0, "maxiter": 1}, positive=("err_power", "min_gap"))
+
+    def fit(self, ctx: FitContext, **options: Any) -> FitResult:
+        return fit_dmn(ctx.source.noise_schedule, ctx.solver, ctx.steps, ctx.order, **options)

@@ -22,16 +22,19 @@ GITS; its adaptive first step (AFS) is not reproduced.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..discretize import get_timesteps
-from ..models.sources import ModelSource
+from ..models.base import ModelSource
 from ..noise import NoiseSchedule
-from ..solvers import coeffs, get_step_fn, sample, solver_spec, steps_for_nfe
+from ..solvers import coeffs, get_step_fn, sample, solver_spec
+from ..options import declare
+from ..teacher import split_seeds
+from .base import FitContext, Method
 from .common import FitResult, assert_monotone
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -175,15 +178,25 @@ def gits_timesteps(model_fn: ModelFn, noise_schedule: NoiseSchedule, x_T: Tensor
     return t
 
 
-def fit_gits(source: ModelSource, solver: str, nfe: int, seeds, order: int | None = None,
+def fit_gits(source: ModelSource, solver: str, steps: int, seeds, order: int | None = None,
              device: torch.device | str | None = None, **options) -> FitResult:
     """``gits_timesteps`` on ``source`` from the latents of ``seeds`` (use training seeds, never
-    evaluation ones) on ``device``, at ``nfe`` network calls of ``solver``, as a FitResult."""
-    steps = steps_for_nfe(solver, nfe)
-    if steps is None:
-        raise ValueError(f"solver {solver!r} cannot spend exactly {nfe} network calls")
+    evaluation ones) on ``device``, with ``steps`` steps of ``solver``, as a FitResult."""
     began = time.perf_counter()
     x_T = source.latents(seeds, dtype=source.dtype, device=device)
     t, info = gits_timesteps(source.model_fn, source.noise_schedule, x_T, steps, solver, return_info=True, **options)
     info = {"path": info["path"], "samples": len(x_T), "seconds": time.perf_counter() - began}
     return FitResult("gits", solver, order, steps, timesteps=t, info=info)
+
+
+class GITS(Method):
+    """A baseline: the dynamic-programming schedule on teacher trajectories of training latents."""
+    name = "gits"
+    searchable = False
+    options = declare(gits_timesteps, ("model_fn", "noise_schedule", "x_T", "steps", "solver", "grid", "return_info"),
+                      choices={"metric": METRICS}, low={"fine_steps": 1, "teacher_substeps": 1, "batch_size": 1,
+                                                        "coeff": 0})
+
+    def fit(self, ctx: FitContext, **options: Any) -> FitResult:
+        return fit_gits(ctx.source, ctx.solver, ctx.steps, split_seeds("train", ctx.n_train), ctx.order,
+                        device=ctx.device, **options)

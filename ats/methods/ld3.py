@@ -12,18 +12,22 @@ without improvement the best state is reloaded and both learning rates shrink by
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..discretize import KINDS, get_timesteps
-from ..metrics import get_loss
-from ..models.sources import ModelSource
-from ..params import logits_from_timesteps, offset_cond_timesteps, timesteps_from_logits
+from ..discretize import FIXED, get_timesteps
+from ..losses import LOSS_NAMES, get_loss
+from ..models.base import ModelSource
+from ..params import SPACES, logits_from_timesteps, offset_cond_timesteps, timesteps_from_logits
 from ..solvers import sample, solver_spec
 from ..teacher import TeacherData
+from ..options import declare
+from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, assert_monotone, check_finite
+
+OPTIMIZERS = ("rmsprop", "adam")
 
 
 def default_ball_radius(dim: int, steps: int) -> float:
@@ -53,7 +57,7 @@ def best_fixed_logits(student: Student, loss_fn, data: TeacherData, steps: int) 
     """Logits of the fixed discretization with the lowest mean loss on ``data``."""
     ns = student.source.noise_schedule
     best, best_loss = None, float("inf")
-    for kind in KINDS[:4]:
+    for kind in FIXED:
         theta = logits_from_timesteps(get_timesteps(ns, kind, steps, dtype=data.latents.dtype), ns, student.space)
         with torch.no_grad():
             value = loss_fn(student(theta, None, data.latents / student.sigma_T, data.labels), data.targets).mean().item()
@@ -72,13 +76,13 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
             learn_xi: bool = True,
             ball_radius: float | None = None, patience: int = 5, decay: float = 0.8, seed: int = 0,
             init: Tensor | None = None, start: str = "best",
-            progress: Callable[[int, float, float], None] | None = None) -> FitResult:
+            progress: Progress | None = None) -> FitResult:
     """Fit theta (and xi) on ``train``, select on ``valid``; returns the best validation state.
     ``init``: starting logits [N+1]; else ``start``: a fixed discretization (time_uniform,
     logSNR, time_quadratic, edm), or "best", the one with the lowest validation loss, so the
     fit never starts behind it (a search can choose ``start`` by the validation FID instead:
     teacher loss and FID can rank the fixed schedules differently).
-    ``progress(epoch, train_loss, valid_loss)`` after every epoch. Ctrl-C returns the best state
+    ``progress("ld3", epoch, valid_loss)`` after every epoch. Ctrl-C returns the best state
     so far (``info['interrupted']``); a non-finite loss raises FitDiverged with the best
     state so far as ``.result``."""
     if steps < 1:
@@ -92,8 +96,8 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
     if init is None and start == "best":
         init = best_fixed_logits(student, loss_fn, valid, steps)
     elif init is None:
-        if start not in KINDS[:4]:
-            raise ValueError(f"start must be 'best' or one of {', '.join(KINDS[:4])}, got {start!r}")
+        if start not in FIXED:
+            raise ValueError(f"start must be 'best' or one of {', '.join(FIXED)}, got {start!r}")
         init = logits_from_timesteps(get_timesteps(source.noise_schedule, start, steps, dtype=dtype),
                                      source.noise_schedule, space)
     theta = torch.as_tensor(init).detach().clone().to(dtype=dtype, device=device)
@@ -101,7 +105,7 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
         raise ValueError(f"init must be logits of shape [{steps + 1}], got {tuple(theta.shape)}")
     theta.requires_grad_(True)
     xi = torch.zeros(steps + 1, dtype=dtype, device=device, requires_grad=True) if learn_xi else None
-    if optimizer not in ("rmsprop", "adam"):
+    if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose 'rmsprop' (LD3's) or 'adam'")
     opt = torch.optim.RMSprop([theta], lr=lr, momentum=0.9) if optimizer == "rmsprop" else torch.optim.Adam([theta], lr=lr)
     xi_opt = torch.optim.SGD([xi], lr=0.1 / steps if xi_lr is None else xi_lr) if learn_xi else None
@@ -126,9 +130,11 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
                          info={"theta": best["theta"].tolist(), "space": space, "loss": loss,
                                "best_valid_loss": best["valid"], "ball_radius": radius, **info})
 
+    start_valid = float("nan")
+
     epoch = -1
     try:
-        best["valid"] = validate()
+        best["valid"] = start_valid = validate()
         for epoch in range(epochs):
             losses = []
             for idx in _batches(len(u), batch_size, g):
@@ -171,10 +177,31 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
                     if xi is not None:
                         xi.copy_(best["xi"])
             if progress is not None:
-                progress(epoch, history["train_loss"][-1], val)
+                progress("ld3", epoch, val)
     except FitDiverged as e:
         e.result = result(diverged=str(e), epochs=epoch)
         raise
     except KeyboardInterrupt:
         return result(interrupted=True, epochs=epoch)
-    return result(epochs=epochs)
+    return result(epochs=epochs, start_valid_loss=start_valid)
+
+
+class LD3(Method):
+    """One global schedule learned from teacher samples (``fit_ld3``)."""
+    name = "ld3"
+    options = declare(fit_ld3, ("source", "train", "valid", "solver", "steps", "order", "seed", "init", "progress"),
+                      choices={"space": SPACES, "loss": LOSS_NAMES, "optimizer": OPTIMIZERS,
+                               "start": ("best",) + FIXED},
+                      low={"epochs": 0, "batch_size": 1, "patience": 0, "ball_radius": 0},
+                      positive=("lr", "xi_lr", "decay"))
+
+    def fit(self, ctx: FitContext, **options: Any) -> FitResult:
+        return fit_ld3(ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order, seed=ctx.seed,
+                       progress=ctx.progress, **options)
+
+
+def ld3_start(ctx: FitContext, options: dict[str, Any], samples: int) -> FitResult:
+    """LD3 on the first ``samples`` training samples: the global schedule that the per-sample
+    methods start from (its ``info["theta"]``)."""
+    return fit_ld3(ctx.source, ctx.train.first(samples), ctx.valid, ctx.solver, ctx.steps, ctx.order, seed=ctx.seed,
+                   progress=ctx.progress, **options)

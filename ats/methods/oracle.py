@@ -12,16 +12,23 @@ rounds from different starts:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..metrics import get_loss
-from ..models.sources import ModelSource
+from ..losses import LOSS_NAMES, get_loss
+from ..models.base import ModelSource
+from ..options import Option, declare
+from ..params import SPACES
 from ..teacher import TeacherData
+from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, assert_monotone, check_finite
-from .ld3 import Student
+from .ld3 import Student, ld3_start
+
+EXPLORE_SAMPLERS = ("tpe", "cmaes")
+START_SAMPLES = Option("start_samples", frozenset({"int"}), 50, low=1,
+                       help="training samples LD3 fits the starting global schedule on")
 
 
 class _Best:
@@ -93,7 +100,7 @@ def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, 
                space: str = "lambda", loss: str = "l2", init: Tensor | None = None, iterations: int = 200,
                lr: float = 0.05, restarts: int = 2, restart_scale: float = 0.5, explore_trials: int = 0,
                explore_sampler: str = "tpe", seed: int = 0,
-               progress: Callable[[str, int, float], None] | None = None) -> FitResult:
+               progress: Progress | None = None) -> FitResult:
     """Per-sample schedules for every sample of ``data`` (latents and teacher targets).
     ``init``: the global logits to start from (e.g. LD3's; default the logSNR/time-uniform
     zeros). Rounds: gradient descent from ``init``, then ``restarts`` rounds from ``init`` plus
@@ -142,3 +149,33 @@ def _result(student: Student, best: _Best, data: TeacherData, solver, order, ste
     return FitResult("oracle", solver, order, steps, per_sample=ts, seeds=data.seeds, history=history,
                      info={"loss": best.loss.tolist(), "theta": best.theta.tolist(), "space": space,
                            "loss_name": loss, **info})
+
+
+class Oracle(Method):
+    """Per-sample optimal schedules (``fit_oracle``), starting from LD3's global schedule."""
+    name = "oracle"
+    nested = ("ld3",)
+    options = declare(fit_oracle, ("source", "data", "solver", "steps", "order", "init", "seed", "progress"),
+                      choices={"space": SPACES, "loss": LOSS_NAMES, "explore_sampler": EXPLORE_SAMPLERS},
+                      low={"iterations": 0, "restarts": 0, "restart_scale": 0, "explore_trials": 0},
+                      positive=("lr",), extra=(START_SAMPLES,))
+
+    def fit(self, ctx: FitContext, ld3: dict | None = None, start_samples: int = 50, **options: Any) -> FitResult:
+        start = ld3_start(ctx, ld3 or {}, start_samples)
+        if start.info.get("interrupted"):
+            return start   # stopped while fitting the starting schedule: that is the best state there is
+        init = torch.tensor(start.info["theta"])
+        result = fit_oracle(ctx.source, ctx.train, ctx.solver, ctx.steps, ctx.order, init=init, seed=ctx.seed,
+                            progress=ctx.progress, **options)
+        result.info["init_theta"] = init.tolist()   # LD3's logits: where a refit on other samples starts
+        return result
+
+    def schedules_for(self, ctx: FitContext, result: FitResult, options: dict[str, Any],
+                      data: TeacherData) -> Tensor:
+        """The oracle's schedules belong to their own samples: refit on ``data`` with the same
+        settings, from the same starting schedule."""
+        init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
+        own = {k: v for k, v in options.items() if k not in ("ld3", "start_samples")}
+        return fit_oracle(ctx.source, data, result.solver, result.steps, result.order, init=init, seed=ctx.seed,
+                          **own).per_sample
+

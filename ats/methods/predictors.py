@@ -15,18 +15,24 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..metrics import get_loss
-from ..models.sources import ModelSource
+from ..losses import LOSS_NAMES, get_loss
+from ..models.base import ModelSource
 from ..models.wrapper import expand_dims
-from ..params import timesteps_from_logits
+from ..options import declare
+from ..params import SPACES, timesteps_from_logits
 from ..solvers import SolverState, coeffs, get_step_fn, sample, step_orders
 from ..teacher import TeacherData
+from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
+from .ld3 import ld3_start
+from .oracle import START_SAMPLES, fit_oracle
+
+OBJECTIVES = ("end_to_end", "regression")
 
 
 def auto_width(shape: tuple[int, ...]) -> int:
@@ -207,7 +213,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
                   oracle_valid: Tensor | None = None, base: Tensor | None = None, space: str = "lambda",
                   loss: str = "l2", width: int | None = None, dropout: float = 0., epochs: int = 100,
                   batch_size: int = 64, lr: float = 1e-3, patience: int = 10, seed: int = 0,
-                  progress: Callable[[int, float, float], None] | None = None) -> FitResult:
+                  progress: Progress | None = None) -> FitResult:
     """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits oracle
     schedules (``oracle_train``/``oracle_valid``, [B, N+1] times for the data's samples);
     ``end_to_end`` minimises the teacher loss through the solver. Early stopping on the
@@ -215,7 +221,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     ``width`` None sizes the encoder from the input (``auto_width``)."""
     if kind not in ("oneshot", "delta"):
         raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
-    if objective not in ("regression", "end_to_end"):
+    if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose 'regression' or 'end_to_end'")
     if objective == "regression" and (oracle_train is None or oracle_valid is None):
         raise ValueError("objective 'regression' needs oracle schedules for the training and validation samples")
@@ -269,7 +275,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
             history["train_loss"].append(sum(losses) / len(losses))
             history["valid_loss"].append(val)
             if progress is not None:
-                progress(epoch, history["train_loss"][-1], val)
+                progress(kind, epoch, val)
             if val < best["valid"]:
                 best.update(valid=val, state=copy.deepcopy(net.state_dict()), epoch=epoch)
                 bad = 0
@@ -293,3 +299,38 @@ def _predictor_result(kind, net, solver, order, steps, history, best, objective,
     return FitResult(kind, solver, order, steps, predictor=net, history=history,
                      info={"objective": objective, "space": space, "best_valid_loss": best["valid"],
                            "best_epoch": best["epoch"], **info})
+
+
+class _Predictor(Method):
+    """A predictor trained from LD3's global schedule (``fit_predictor``); objective
+    ``regression`` first fits the oracle on the training and validation samples."""
+    nested = ("ld3", "oracle")
+    options = declare(fit_predictor, ("kind", "source", "train", "valid", "solver", "steps", "order", "oracle_train",
+                                      "oracle_valid", "base", "seed", "progress"),
+                      choices={"objective": OBJECTIVES, "space": SPACES, "loss": LOSS_NAMES},
+                      low={"epochs": 0, "batch_size": 1, "patience": 0, "dropout": 0, "width": 1},
+                      positive=("lr",), extra=(START_SAMPLES,))
+
+    def fit(self, ctx: FitContext, ld3: dict | None = None, oracle: dict | None = None, start_samples: int = 50,
+            **options: Any) -> FitResult:
+        start = ld3_start(ctx, ld3 or {}, start_samples)
+        if start.info.get("interrupted"):
+            return start   # stopped while fitting the starting schedule: that is the best state there is
+        base = torch.tensor(start.info["theta"])
+        if options.get("objective") == "regression":
+            for split in ("train", "valid"):
+                options[f"oracle_{split}"] = fit_oracle(ctx.source, getattr(ctx, split), ctx.solver, ctx.steps,
+                                                        ctx.order, init=base, seed=ctx.seed, **(oracle or {})).per_sample
+        result = fit_predictor(self.name, ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order,
+                               base=base, seed=ctx.seed, progress=ctx.progress, **options)
+        result.info["ld3_timesteps"] = start.timesteps.tolist()   # the global schedule it started from
+        return result
+
+
+class OneShot(_Predictor):
+    name = "oneshot"
+
+
+class Delta(_Predictor):
+    name = "delta"
+    min_steps = 2   # the last time is fixed

@@ -66,20 +66,21 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from ..discretize import check_time_range
+from ..discretize import KINDS, check_time_range, get_timesteps
 from ..noise import NoiseSchedule
 from ..params import ratio_cond_timesteps
 from ..solvers.sampling import get_step_fn, solver_spec, step_orders
 from ..solvers.steps import Coeffs, SolverState, grid_coeffs
+from ..options import Option, declare
+from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
-Progress = Callable[[int, int, float], None]
 STRATEGIES = ("sequential", "parallel")
 
 
@@ -209,8 +210,8 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
     the model's space (latent models), identity by default; the encoded data's dtype and
     device are the fit's. ``iterations`` Adam steps of
     ``batch_size`` per tuned step (``lr`` as published: 2e-3). ``order``, ``lower_order_final``
-    and ``variant`` must match what ``ats.solvers.sample`` will be called with. ``progress(step,
-    iteration, loss)`` is called after every iteration. Seeded by ``seed``: on the CPU the same
+    and ``variant`` must match what ``ats.solvers.sample`` will be called with. ``progress("step
+    i", iteration, loss)`` is called after every iteration. Seeded by ``seed``: on the CPU the same
     call returns the same ratios bit for bit.
 
     Returns a ``FitResult`` (method ``"timetuner"``) whose ``timesteps`` is the given schedule
@@ -345,5 +346,24 @@ def _fit_ratio(prob: _Problem, i: int, x_i: Tensor, state_i: SolverState, target
         losses.append(value)
         trace.append(float(r.detach()))
         if progress is not None:
-            progress(i, it, value)
+            progress(f"step {i}", it, value)
     return r.detach()
+
+
+class TimeTuner(Method):
+    """Conditioning times tuned on real data for a fixed discretization (``fit_timetuner``)."""
+    name = "timetuner"
+    needs_real_data = True
+    options = declare(fit_timetuner, ("model_fn", "noise_schedule", "data", "timesteps", "solver", "order", "seed",
+                                      "encode_fn", "progress", "lower_order_final", "variant"),
+                      choices={"strategy": STRATEGIES}, low={"iterations": 1, "batch_size": 1, "pool_size": 1},
+                      positive=("lr",),
+                      extra=(Option("discretization", frozenset({"str"}), "time_uniform", KINDS,
+                                    help="the fixed discretization whose conditioning times are tuned"),
+                             Option("n_data", frozenset({"int"}), 1024, low=1, help="real samples to train on")))
+
+    def fit(self, ctx: FitContext, discretization: str = "time_uniform", n_data: int = 1024,
+            **options: Any) -> FitResult:
+        ts = get_timesteps(ctx.source.noise_schedule, discretization, ctx.steps, dtype=ctx.source.dtype)
+        return fit_timetuner(ctx.source.model_fn, ctx.source.noise_schedule, ctx.real_data(n_data), ts, ctx.solver,
+                             ctx.order, seed=ctx.seed, progress=ctx.progress, **options)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..noise import NoiseScheduleVP
-from .sources import ModelSource, _digest, file_digest
+from .base import ModelSource, digest, file_digest
 from .wrapper import model_wrapper
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -39,19 +39,34 @@ def check_checkpoint_dir(path: str | Path | None) -> tuple[Path, Path]:
     return path, weights
 
 
+def _ddpm_scheduler(path: Path):
+    try:
+        from diffusers import DDPMScheduler
+    except ImportError:
+        raise ImportError("loading diffusers checkpoints needs diffusers: pip install 'ats[cifar10]'") from None
+    try:
+        return DDPMScheduler.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read the scheduler config in {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"the file is corrupt; {WHERE}") from None
+
+
+def checkpoint_noise_schedule(path: str | Path | None) -> NoiseScheduleVP:
+    """The checkpoint's noise schedule from its scheduler's betas, without loading the network."""
+    path, _ = check_checkpoint_dir(path)
+    return NoiseScheduleVP("discrete", betas=_ddpm_scheduler(path).betas.to(torch.float64))
+
+
 def load_unet_checkpoint(path: str | Path | None):
     """(UNet2DModel in eval mode, NoiseScheduleVP from its betas, model_type) from a directory."""
     path, _ = check_checkpoint_dir(path)
-    try:
-        from diffusers import DDPMScheduler, UNet2DModel
-    except ImportError:
-        raise ImportError("loading diffusers checkpoints needs diffusers: pip install 'ats[cifar10]'") from None
+    scheduler = _ddpm_scheduler(path)
+    from diffusers import UNet2DModel
     config = json.loads((path / "config.json").read_text())
     if config.get("_class_name") != "UNet2DModel":
         raise ValueError(f"checkpoint {path} holds a {config.get('_class_name')!r}, not a UNet2DModel; {WHERE}")
     try:
         unet = UNet2DModel.from_pretrained(path, local_files_only=True)
-        scheduler = DDPMScheduler.from_pretrained(path, local_files_only=True)
     except Exception as e:
         raise ValueError(f"cannot load the checkpoint in {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          f"the files are corrupt or of another architecture; {WHERE}") from None
@@ -84,7 +99,7 @@ def cifar10_source(checkpoint: str | Path | None = None, inception_weights: str 
         return metric
 
     cfg = unet.config
-    identity = _digest({"weights": file_digest(weights), "config": json.loads((path / "config.json").read_text()),
+    identity = digest({"weights": file_digest(weights), "config": json.loads((path / "config.json").read_text()),
                         "scheduler": json.loads((path / "scheduler_config.json").read_text())})
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     return ModelSource(f"unet:{path.name}", lambda labels: model_wrapper(network, ns, model_type=model_type),

@@ -16,8 +16,11 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..atomic import write_atomic
+from ..metrics import QuantizedFeatures, frechet_metric, to_uint8
 from ..noise import NoiseScheduleVP
+from .base import ModelFn, ModelSource, digest, file_digest
 from .unet import DigitsUNet
+from .wrapper import model_wrapper
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIGITS_UNET = WEIGHTS_DIR / "digits_unet.pt"
@@ -171,3 +174,43 @@ def load_digits_classifier(path: Path | str = DIGITS_CLASSIFIER) -> DigitsClassi
         raise ValueError(f"cannot load digits classifier weights from {path} ({type(e).__name__}: {e}); "
                          "retrain them with `ats train-model --dataset digits --classifier`") from None
     return model.eval()
+
+
+def digits_metric(classifier: torch.nn.Module | None = None):
+    """FID on the shipped digits classifier's features against all 1797 real digits."""
+    classifier = classifier or load_digits_classifier()
+    metric = frechet_metric(QuantizedFeatures(classifier.features, classifier.num_features))
+    images, _ = load_digits_data()
+    metric.update(to_uint8(images), real=True)
+    return metric
+
+
+def digits_source(weights: str | Path | None = None, conditional: bool = False,
+                  guidance_scale: float = 1.) -> ModelSource:
+    """The shipped digits U-Net (or ``weights``). Unconditional (the null label) unless
+    ``conditional``: then every seed gets a class label and the model classifier-free
+    guidance at ``guidance_scale``."""
+    path = Path(weights) if weights else DIGITS_UNET
+    net = load_digits_unet(path)
+    ns = digits_noise_schedule()
+    null = torch.tensor(net.num_classes)
+
+    def model_fn_for(labels: Tensor | None) -> ModelFn:
+        if labels is None:
+            return model_wrapper(net, ns)
+        return model_wrapper(net, ns, guidance_type="classifier-free", condition=labels,
+                             unconditional_condition=null.to(labels.device).expand(len(labels)),
+                            guidance_scale=guidance_scale)
+
+    identity = digest({"weights": file_digest(path), "conditional": conditional, "guidance_scale": guidance_scale})
+    name = f"digits-cfg{guidance_scale:g}" if conditional else "digits"
+    return ModelSource(name, model_fn_for, ns, (1, 8, 8), identity, digits_metric,
+                       num_classes=net.num_classes if conditional else 0, info={"weights": str(path)},
+                       networks=(net,), real_data=digits_real_data)
+
+
+def digits_real_data(n: int, seed: int = 0) -> Tensor:
+    """The first ``n`` digits of the training part of the seeded split (at most 1497)."""
+    images, _ = load_digits_data()
+    train, _ = digits_split()
+    return images[train][:n]

@@ -1,132 +1,134 @@
-"""Named model sources: a network wrapped as ``model_fn`` with its noise schedule, the
-shape of one sample, a stable identity (for caches) and the FID that fits its data."""
+"""The dataset registry: each named model source with its options, its real data, the files it
+reads, and a cheap noise schedule, in one place.
+
+``DATASETS[name]`` is a ``Dataset``: ``options`` (``ats.options.Option``, with defaults; study
+files take them under ``model:``, the CLI as flags), ``source(**options)`` builds the
+``ModelSource``, ``problems(**options)`` lists missing files before anything runs, and
+``noise_schedule(**options)`` gives the schedule without loading the network (for plots).
+"""
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
-from torch import Tensor
+from typing import Any, Callable
 
 from ..noise import NoiseSchedule, NoiseScheduleVP
-from .gmm import GaussianMixture
-from .wrapper import model_wrapper
-
-DATASETS = ("gmm", "digits", "cifar10")
-ModelFn = Callable[[Tensor, Tensor], Tensor]
-
-
-@dataclass
-class ModelSource:
-    """What a sampler needs: ``model_fn_for(labels)`` -> ``model_fn(x, t)`` (eps), the
-    schedule, one sample's shape, and for conditional models the number of classes."""
-    name: str
-    model_fn_for: Callable[[Tensor | None], ModelFn]
-    noise_schedule: NoiseSchedule
-    shape: tuple[int, ...]
-    identity: str                                   # hash of everything that defines the model
-    make_metric: Callable[[], Any]                  # torchmetrics FID with its real side loaded
-    num_classes: int = 0
-    dtype: torch.dtype = torch.float32              # what sampling runs in
-    info: dict = field(default_factory=dict)
-    networks: tuple[torch.nn.Module, ...] = ()      # what ``to`` moves
-
-    def to(self, device: torch.device | str) -> "ModelSource":
-        """Move the networks (in place) to ``device``; samplers follow their inputs' device."""
-        for net in self.networks:
-            net.to(device)
-        return self
-
-    @property
-    def model_fn(self) -> ModelFn:
-        """The unconditional model."""
-        return self.model_fn_for(None)
-
-    def latents(self, seeds: Sequence[int], dtype: torch.dtype = torch.float64,
-                device: torch.device | str | None = None) -> Tensor:
-        """x_T for each seed: sigma_T * N(0, I) drawn on the CPU from the seed's own
-        generator (so sample i can be regenerated alone, on any device), then moved to
-        ``device``. sigma_T = marginal_std(T): about 1 for VP schedules, sigma_max for EDM."""
-        std = float(self.noise_schedule.marginal_std(torch.tensor(self.noise_schedule.T)))
-        x = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s)),
-                                     dtype=dtype) for s in seeds]) * std
-        return x.to(device)
-
-    def labels(self, seeds: Sequence[int]) -> Tensor | None:
-        """A class label per seed for conditional models (uniform, from the seed), else None."""
-        if not self.num_classes:
-            return None
-        return torch.tensor([int(torch.randint(self.num_classes, (1,),
-                                               generator=torch.Generator().manual_seed(int(s) + 7919)))
-                             for s in seeds])
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
+from ..options import Option, did_you_mean, parse_options
+from .base import ModelSource
 
 GMM_PRESETS = {"2d": dict(dim=2, components=8), "16d": dict(dim=16, components=8),
                "64d": dict(dim=64, components=16)}
+_INT_OR_NONE, _STR_OR_NONE = frozenset({"int", "None"}), frozenset({"str", "None"})
 
 
-def gmm_source(dim: int = 16, components: int = 8, seed: int = 0,
-               noise_schedule: NoiseSchedule | None = None) -> ModelSource:
-    """A random Gaussian mixture (``GaussianMixture.random``) with its exact denoiser, on the
-    VP linear schedule unless another is given; FID is the Frechet distance on coordinates."""
-    from ..metrics import gmm_metric
-    ns = noise_schedule or NoiseScheduleVP("linear")
-    gmm = GaussianMixture.random(dim, components, seed=seed)
-    identity = _digest({"gmm": [gmm.means.tolist(), gmm.stds.tolist(), gmm.log_weights.tolist()],
-                        "schedule": repr(ns)})
-    return ModelSource(f"gmm-{dim}d-{components}k-s{seed}", lambda labels: model_wrapper(gmm, ns, model_type="edm"),
-                       ns, (dim,), identity, lambda: gmm_metric(gmm), dtype=torch.float64, info={"gmm": gmm},
-                       networks=(gmm,))
+@dataclass(frozen=True)
+class Dataset:
+    """A named model source and what ats needs to know about it."""
+    name: str
+    options: dict[str, Option]
+    build: Callable[..., ModelSource]
+    schedule: Callable[..., NoiseSchedule]
+    has_real_data: bool
+    check_files: Callable[..., list[str]] = field(default=lambda **options: [])
+    flags: dict[str, str] = field(default_factory=dict)   # CLI flag names that differ from the option's
+
+    def parse(self, options: dict[str, Any] | None, path: str = "model") -> dict[str, Any]:
+        """The model options with defaults filled in, checked (``OptionError`` on a bad one)."""
+        given = parse_options(self.options, options or {}, path)
+        return {**{k: o.default for k, o in self.options.items()}, **given}
+
+    def source(self, **options: Any) -> ModelSource:
+        return self.build(**self.parse(options))
+
+    def noise_schedule(self, **options: Any) -> NoiseSchedule:
+        """The noise schedule, without loading the network."""
+        return self.schedule(**self.parse(options))
+
+    def problems(self, **options: Any) -> list[str]:
+        """What is missing on disk for these options, one line each (empty: ready to run)."""
+        return self.check_files(**self.parse(options))
 
 
-def digits_source(weights: str | Path | None = None, conditional: bool = False,
-                  guidance_scale: float = 1.) -> ModelSource:
-    """The shipped digits U-Net (or ``weights``). Unconditional (the null label) unless
-    ``conditional``: then every seed gets a class label and the model classifier-free
-    guidance at ``guidance_scale``."""
-    from ..metrics import digits_metric
-    from .digits import DIGITS_UNET, digits_noise_schedule, load_digits_unet
-    path = Path(weights) if weights else DIGITS_UNET
-    net = load_digits_unet(path)
-    ns = digits_noise_schedule()
-    null = torch.tensor(net.num_classes)
-
-    def model_fn_for(labels: Tensor | None) -> ModelFn:
-        if labels is None:
-            return model_wrapper(net, ns)
-        return model_wrapper(net, ns, guidance_type="classifier-free", condition=labels,
-                             unconditional_condition=null.to(labels.device).expand(len(labels)),
-                            guidance_scale=guidance_scale)
-
-    identity = _digest({"weights": file_digest(path), "conditional": conditional, "guidance_scale": guidance_scale})
-    name = f"digits-cfg{guidance_scale:g}" if conditional else "digits"
-    return ModelSource(name, model_fn_for, ns, (1, 8, 8), identity, digits_metric,
-                       num_classes=net.num_classes if conditional else 0, info={"weights": str(path)},
-                       networks=(net,))
+def _gmm(preset: str | None = "16d", dim: int | None = None, components: int | None = None,
+         seed: int = 0) -> ModelSource:
+    from .gmm import gmm_source
+    sizes = {**(GMM_PRESETS[preset] if preset else GMM_PRESETS["16d"]),
+             **{k: v for k, v in (("dim", dim), ("components", components)) if v is not None}}
+    return gmm_source(seed=seed, **sizes)
 
 
-def load_source(dataset: str, **options) -> ModelSource:
-    """The model source named ``dataset``; unknown names get a one-line error."""
-    if dataset == "gmm":
-        return gmm_source(**options)
-    if dataset == "digits":
-        return digits_source(**options)
-    if dataset == "cifar10":
-        from .diffusers_unet import cifar10_source
-        return cifar10_source(**options)
-    raise ValueError(f"unknown dataset {dataset!r}; available: {', '.join(DATASETS)}")
+def _digits(guidance_scale: float | None = None) -> ModelSource:
+    from .digits import digits_source
+    return digits_source() if guidance_scale is None else digits_source(conditional=True, guidance_scale=guidance_scale)
+
+
+def _digits_schedule(**options: Any) -> NoiseSchedule:
+    from .digits import digits_noise_schedule
+    return digits_noise_schedule()
+
+
+def _cifar10(**options: Any) -> ModelSource:
+    from .diffusers_unet import cifar10_source
+    return cifar10_source(**options)
+
+
+def _cifar10_schedule(checkpoint: str | None = None, **options: Any) -> NoiseSchedule:
+    from .diffusers_unet import checkpoint_noise_schedule
+    return checkpoint_noise_schedule(checkpoint)
+
+
+def _cifar10_problems(checkpoint: str | None = None, inception_weights: str | None = None,
+                      fid_reference: str | None = None) -> list[str]:
+    from ..metrics import find_inception_weights
+    from .diffusers_unet import check_checkpoint_dir
+    problems = []
+    for check in (lambda: check_checkpoint_dir(checkpoint), lambda: find_inception_weights(inception_weights)):
+        try:
+            check()
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(str(e))
+    if not fid_reference:
+        problems.append("cifar10 FID needs --fid-reference: a .npz with mu/sigma of the real images "
+                        "(or a folder of real images)")
+    return problems
+
+
+DATASETS: dict[str, Dataset] = {d.name: d for d in (
+    Dataset("gmm", {
+        "preset": Option("preset", _STR_OR_NONE, "16d", tuple(GMM_PRESETS),
+                         help="gmm: a named size (2d: 2 dims 8 components, 16d: 16/8, 64d: 64/16)."),
+        "dim": Option("dim", _INT_OR_NONE, None, low=1, help="gmm: dimension (overrides the preset's)."),
+        "components": Option("components", _INT_OR_NONE, None, low=1,
+                             help="gmm: number of components (overrides the preset's)."),
+        "seed": Option("seed", frozenset({"int"}), 0, low=0, help="gmm: seed of the random mixture."),
+    }, _gmm, lambda **options: NoiseScheduleVP("linear"), has_real_data=True, flags={"seed": "mixture-seed"}),
+    Dataset("digits", {
+        "guidance_scale": Option("guidance_scale", frozenset({"float", "None"}), None,
+                                 help="digits: sample class-conditionally (a label per seed) with this "
+                                      "classifier-free guidance scale; unconditional when absent."),
+    }, _digits, _digits_schedule, has_real_data=True),
+    Dataset("cifar10", {
+        "checkpoint": Option("checkpoint", _STR_OR_NONE, None,
+                             help="cifar10: a diffusers UNet2DModel directory (google/ddpm-cifar10-32 layout)."),
+        "inception_weights": Option("inception_weights", _STR_OR_NONE, None,
+                                    help="cifar10: weights-inception-2015-12-05-6726825d.pth (else "
+                                         "$ATS_INCEPTION_WEIGHTS or the torch hub cache)."),
+        "fid_reference": Option("fid_reference", _STR_OR_NONE, None,
+                                help="cifar10: real-image statistics (.npz with mu, sigma) or a folder of images."),
+    }, _cifar10, _cifar10_schedule, has_real_data=False, check_files=_cifar10_problems),
+)}
+
+
+def get_dataset(name: str) -> Dataset:
+    """The registered dataset ``name``; unknown names get a one-line error."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; available: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_source(dataset: str, **options: Any) -> ModelSource:
+    """The model source named ``dataset`` built with its ``options``; bad names and options get
+    a one-line error."""
+    return get_dataset(dataset).source(**options)
+
+
+__all__ = ["DATASETS", "Dataset", "GMM_PRESETS", "ModelSource", "get_dataset", "load_source"]

@@ -1,4 +1,5 @@
-"""Fixed discretizations per solver and NFE, scored by distance to a reference or by FID."""
+"""The `ats compare` table: fixed discretizations per solver and NFE, scored by distance to a
+reference or by FID; and batched sampling for scoring."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from torch import Tensor
 from .discretize import get_timesteps
 from .intervals import Z95, FidEstimate
 from .metrics import frechet_estimate
-from .models.sources import ModelSource
+from .models.base import ModelSource
 from .solvers import steps_for_nfe
 from .solvers import sample
 

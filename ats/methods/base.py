@@ -1,0 +1,100 @@
+"""The method protocol: one base class, one context, no dispatch on names.
+
+A method is a ``Method`` subclass in its own module, registered in ``ats.methods.METHODS``. It
+declares its ``options`` (``ats.options.Option``: types, defaults, allowed values, bounds), the
+option groups of the methods it runs first (``nested``: a predictor's ``ld3`` and ``oracle``),
+and what it needs (real data, a number of steps, particular solvers); ``fit(ctx, **options)``
+returns a ``FitResult``. ``FitContext`` hands out the inputs lazily: the teacher data of the
+training and validation seeds (cached on disk), real data, latents, and the progress callback
+``progress(phase, step, loss)``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+from ..models.base import ModelSource
+from ..options import Option
+from ..teacher import DEFAULT_CACHE, TeacherConfig, TeacherData, generate_teacher, split_seeds
+from .common import FitResult
+
+Progress = Callable[[str, int, float], None]   # (phase, step, loss), after every step of a fit
+
+
+@dataclass
+class FitContext:
+    """Everything a method may read: the model, the solver and its number of steps, the seeds'
+    teacher data (``train``, ``valid``; generated on first use, cached under ``cache``), real
+    data, the seed, the device and the progress callback."""
+    source: ModelSource
+    solver: str
+    steps: int
+    order: int | None = None
+    n_train: int = 50
+    n_valid: int = 50
+    teacher: TeacherConfig = TeacherConfig()
+    cache: str | Path = DEFAULT_CACHE
+    seed: int = 0
+    device: torch.device | str | None = None
+    progress: Progress | None = None
+
+    def teacher_data(self, split: str, n: int) -> TeacherData:
+        """Teacher targets of the first ``n`` seeds of ``split``, on the context's device."""
+        return generate_teacher(self.source, split_seeds(split, n), self.teacher, self.cache,
+                                dtype=self.source.dtype, device=self.device).to(self.device)
+
+    @cached_property
+    def train(self) -> TeacherData:
+        return self.teacher_data("train", self.n_train)
+
+    @cached_property
+    def valid(self) -> TeacherData:
+        return self.teacher_data("valid", self.n_valid)
+
+    def latents(self, split: str, n: int) -> Tensor:
+        return self.source.latents(split_seeds(split, n), dtype=self.source.dtype, device=self.device)
+
+    def real_data(self, n: int) -> Tensor:
+        """``n`` real samples of the source's data set (seeded by the context's seed)."""
+        if self.source.real_data is None:
+            raise ValueError(f"{self.source.name} has no real data; the method needs it")
+        return self.source.real_data(n, self.seed).to(self.device)
+
+
+class Method(abc.ABC):
+    """One schedule-learning method. Subclasses set the class attributes and ``fit``."""
+    name: ClassVar[str]
+    options: ClassVar[dict[str, Option]]
+    nested: ClassVar[tuple[str, ...]] = ()        # option groups of the methods it runs first
+    searchable: ClassVar[bool] = True             # False: a baseline (nothing to search)
+    needs_real_data: ClassVar[bool] = False
+    min_steps: ClassVar[int] = 1
+    solvers: ClassVar[tuple[str, ...] | None] = None   # None: every solver
+
+    @abc.abstractmethod
+    def fit(self, ctx: FitContext, **options: Any) -> FitResult:
+        """Fit on ``ctx`` with parsed ``options`` (the declared ones; nested ones as dicts)."""
+
+    def schedules_for(self, ctx: FitContext, result: FitResult, options: dict[str, Any],
+                      data: TeacherData) -> Tensor | None:
+        """Per-sample schedules [B, N+1] of ``data``'s samples where the result's own are tied to
+        the samples it was fitted on (the oracle refits); None: the result samples new seeds."""
+        return None
+
+    def unsupported(self, solvers: Sequence[str], steps: Sequence[int], has_real_data: bool) -> str | None:
+        """Why the method cannot run with these solvers and step counts, or None."""
+        if self.needs_real_data and not has_real_data:
+            return f"{self.name} trains on real data, which this dataset does not have"
+        if self.solvers is not None:
+            bad = [s for s in solvers if s not in self.solvers]
+            if bad:
+                return f"{self.name} supports solvers {', '.join(self.solvers)}, not {', '.join(bad)}"
+        if min(steps) < self.min_steps:
+            return f"{self.name} needs at least {self.min_steps} steps; raise the smallest NFE"
+        return None

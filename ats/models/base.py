@@ -1,0 +1,77 @@
+"""What a sampler needs from a model: ``ModelSource`` (the network as ``model_fn``, its noise
+schedule, one sample's shape, an identity for caches, its FID, its real data), and the digests
+that make identities."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..noise import NoiseSchedule
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class ModelSource:
+    """What a sampler needs: ``model_fn_for(labels)`` -> ``model_fn(x, t)`` (eps), the
+    schedule, one sample's shape, and for conditional models the number of classes; what a
+    method may need besides: ``real_data(n, seed)`` where the data set is at hand."""
+    name: str
+    model_fn_for: Callable[[Tensor | None], ModelFn]
+    noise_schedule: NoiseSchedule
+    shape: tuple[int, ...]
+    identity: str                                   # hash of everything that defines the model
+    make_metric: Callable[[], Any]                  # torchmetrics FID with its real side loaded
+    num_classes: int = 0
+    dtype: torch.dtype = torch.float32              # what sampling runs in
+    info: dict = field(default_factory=dict)
+    networks: tuple[torch.nn.Module, ...] = ()      # what ``to`` moves
+    real_data: Callable[[int, int], Tensor] | None = None   # (n, seed) -> real samples (TimeTuner's data)
+
+    def to(self, device: torch.device | str) -> "ModelSource":
+        """Move the networks (in place) to ``device``; samplers follow their inputs' device."""
+        for net in self.networks:
+            net.to(device)
+        return self
+
+    @property
+    def model_fn(self) -> ModelFn:
+        """The unconditional model."""
+        return self.model_fn_for(None)
+
+    def latents(self, seeds: Sequence[int], dtype: torch.dtype = torch.float64,
+                device: torch.device | str | None = None) -> Tensor:
+        """x_T for each seed: sigma_T * N(0, I) drawn on the CPU from the seed's own
+        generator (so sample i can be regenerated alone, on any device), then moved to
+        ``device``. sigma_T = marginal_std(T): about 1 for VP schedules, sigma_max for EDM."""
+        std = float(self.noise_schedule.marginal_std(torch.tensor(self.noise_schedule.T)))
+        x = torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(int(s)),
+                                     dtype=dtype) for s in seeds]) * std
+        return x.to(device)
+
+    def labels(self, seeds: Sequence[int]) -> Tensor | None:
+        """A class label per seed for conditional models (uniform, from the seed), else None."""
+        if not self.num_classes:
+            return None
+        return torch.tensor([int(torch.randint(self.num_classes, (1,),
+                                               generator=torch.Generator().manual_seed(int(s) + 7919)))
+                             for s in seeds])
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -8,8 +8,8 @@ the FID on the selection seeds. Trials are asked for in batches of ``max_concurr
 searcher hears of a batch only when all of it has finished, so the same study suggests the
 same trials whatever order they finish in. When every trial has finished, the best trial of
 each cell (by selection FID) is scored on the held-out evaluation seeds, which is what the
-final table reports, with 95 % intervals and paired changes (``ats.report``). The baselines
-(fixed discretizations, dmn, gits) are scored once per study on both seed sets, as Ray tasks.
+final table reports (``ats.summary``). The baselines (fixed discretizations, dmn, gits) are
+scored once per study on both seed sets, as Ray tasks.
 
 Study folder: ``study.yaml`` (the resolved study), ``state.json`` (tracking URI, parent run,
 Optuna storage, finished baselines and evaluations), ``optuna.db`` (default Optuna storage),
@@ -19,7 +19,6 @@ checkpoints), ``summary/`` (``summary.json``, ``summary.md``, plots).
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -32,8 +31,11 @@ from ray import tune
 
 from . import tracking
 from .atomic import write_atomic
-from .report import Row, compare, markdown, rich_table, verdict, write_json
+from .cells import Cell
+from .report import Row
 from .study import Study, load_study, write_study
+from .summary import TrialRecord, best_trials, print_table, summarize
+from .teacher import DEFAULT_CACHE
 
 METRIC = "fid_select"
 LOGGED = ("fid_select", "fid_select_low", "fid_select_high", "l2_select", "n_select", "fit_seconds")
@@ -41,6 +43,7 @@ EXPERIMENT = "trials"
 BOARD = "ats-progress"
 NAMESPACE = "ats"
 REPORT = "report.json"   # a finished trial's reported metrics, inside its checkpoint
+TRAINABLE = "run_trial"  # the trainable's name in Tune's experiment state: a study restores only under it
 
 
 # --- Optuna ------------------------------------------------------------------------------
@@ -99,27 +102,32 @@ class CellSpace:
         self.count = 0
 
     def __call__(self, trial) -> dict[str, Any]:
-        method, solver, nfe = self.cells[self.count % len(self.cells)]
+        cell = Cell(*self.cells[self.count % len(self.cells)])
         self.count += 1
-        prefix = cell_key(method, solver, nfe)
-        for p in self.spaces[method]:
-            name = f"{prefix}/{p.name}"
+        for p in self.spaces[cell.method]:
+            name = f"{cell.key}/{p.name}"
             if p.kind == "choice":
                 trial.suggest_categorical(name, list(p.values))
             elif p.kind == "int":
                 trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
             else:
                 trial.suggest_float(name, p.low, p.high, log=p.kind == "loguniform")
-        return {"method": method, "solver": solver, "nfe": nfe}
-
-
-def cell_key(method: str, solver: str, nfe: int) -> str:
-    return f"{method}.{solver}.nfe{nfe}"
+        return cell._asdict()
 
 
 def trial_params(config: dict) -> dict[str, Any]:
     """The sampled hyperparameters of a trial's config (Tune nests them under the cell key)."""
-    return dict(config.get(cell_key(config["method"], config["solver"], config["nfe"]), {}))
+    return dict(config.get(Cell.of(config).key, {}))
+
+
+def trial_run_key(trial_id: str) -> str:
+    """A trial's MLflow child run key (tag ``ats.key``)."""
+    return f"trial/{trial_id}"
+
+
+def run_tags(kind: str, cell: Cell, dataset: str) -> dict[str, str]:
+    """The tags of a trial's or a baseline's MLflow run."""
+    return {"ats.kind": kind, **cell.tags, "dataset": dataset, "git_commit": tracking.git_commit() or "unknown"}
 
 
 # --- what runs on the workers -----------------------------------------------------------------
@@ -152,8 +160,9 @@ def _worker_setup(study: Study) -> str:
     return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
 
 
-def run_trial(config: dict, study: dict, cache: str) -> None:
-    """Tune function trainable: one fit, scored, reported once with its result folder."""
+def tune_trial(config: dict, study: dict, cache: str) -> None:
+    """Tune function trainable (registered as ``TRAINABLE``): one fit, scored, reported once
+    with its result folder."""
     from .study import study_from_dict
     from .trial import run_trial as fit_and_score
 
@@ -247,13 +256,12 @@ class TrackingCallback(tune.Callback):
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            c = trial.config
-            params = {"method": c["method"], "solver": c["solver"], "nfe": c["nfe"], "trial_id": trial.trial_id,
-                      "hyperparameters": trial_params(c), "study": self.study}
-            tags = {"ats.kind": "trial", "method": c["method"], "solver": c["solver"], "nfe": str(c["nfe"]),
-                    "dataset": self.study["dataset"], "git_commit": tracking.git_commit() or "unknown"}
-            name = f"{c['method']} {c['solver']} nfe{c['nfe']} {trial.trial_id}"
-            self.runs[trial.trial_id] = self.tracker.child(f"trial/{trial.trial_id}", name, params, tags)
+            cell = Cell.of(trial.config)
+            params = {**cell._asdict(), "trial_id": trial.trial_id, "hyperparameters": trial_params(trial.config),
+                      "study": self.study}
+            name = f"{cell.label} {trial.trial_id}"
+            self.runs[trial.trial_id] = self.tracker.child(trial_run_key(trial.trial_id), name, params,
+                                                           run_tags("trial", cell, self.study["dataset"]))
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
@@ -298,8 +306,8 @@ class SearchState:
     optuna_storage: str
     optuna_study: str
     parent_run_id: str | None = None
-    baselines: dict[str, dict[str, float]] | None = None   # key "name/solver/nfe" -> metrics
-    evaluated: dict[str, dict] | None = None               # cell key -> the chosen trial's evaluation
+    baselines: dict[str, dict[str, float]] | None = None   # Cell.state_key -> metrics
+    evaluated: dict[str, dict] | None = None               # Cell.key -> the chosen trial's evaluation
 
     def save(self, folder: Path) -> None:
         write_atomic(folder / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(self.__dict__, indent=2)))
@@ -344,7 +352,7 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
         state = SearchState(tracking.resolve_tracking_uri(tracking_uri),
                             optuna_url or f"sqlite:///{folder / 'optuna.db'}", folder.name)
     tracking.check_reachable(state.tracking_uri)
-    cache = (cache or Path(".ats-cache/teacher")).resolve()
+    cache = (cache or Path(DEFAULT_CACHE)).resolve()
     spec = study.to_dict()
 
     tracker = tracking.StudyTracker(state.tracking_uri, study.name)
@@ -364,15 +372,15 @@ def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_u
             .remote(spec, str(cache)))
     baselines = run_baselines(study, spec, folder, state, tracker, cache, console)
 
-    grid, interrupted = run_trials(study, spec, folder, state, cache, resume, live)
-    chosen = evaluate_chosen(study, spec, folder, state, tracker, cache, grid, console)
-    rows = summarize(study, folder, tracker, state.parent_run_id, baselines, chosen)
+    trials, interrupted = run_trials(study, spec, folder, state, cache, resume, live)
+    chosen = evaluate_chosen(study, spec, folder, state, tracker, cache, trials, console)
+    rows = summarize(study, folder, baselines, chosen, tracker, state.parent_run_id)
     if interrupted:   # trials stopped mid-fit: their runs are reopened by --resume
         for run in tracker.children():
             if run.info.status == "RUNNING":
                 tracker.finish(run.info.run_id, "KILLED")
     tracker.finish(state.parent_run_id, "KILLED" if interrupted else "FINISHED")
-    print_table(console, study, rows, tracker, folder, interrupted)
+    print_table(console, study, rows, folder, interrupted, tracking.runs_url(tracker.uri, tracker.experiment_id))
     return rows, interrupted
 
 
@@ -380,39 +388,37 @@ def run_baselines(study: Study, spec: dict, folder: Path, state: SearchState, tr
                   console) -> dict[str, dict]:
     """Each baseline once per study (kept in state.json, so a resumed study skips them)."""
     done = dict(state.baselines or {})
-    todo = [c for c in study.baseline_cells() if "/".join(map(str, c)) not in done]
+    todo = [cell for cell in map(Cell._make, study.baseline_cells()) if cell.state_key not in done]
     opts = dict(num_cpus=study.cpus_per_trial, num_gpus=study.gpus_per_trial)
-    pending = {run_baseline.options(**opts).remote(spec, name, solver, nfe, str(folder / "baselines" /
-                                                    f"{name}-{solver}-nfe{nfe}"), str(cache)): (name, solver, nfe)
-               for name, solver, nfe in todo}
+    pending = {run_baseline.options(**opts).remote(spec, *cell, str(cell.baseline_folder(folder)), str(cache)): cell
+               for cell in todo}
     while pending:
         ready, _ = ray.wait(list(pending))
-        name, solver, nfe = pending.pop(ready[0])
+        cell = pending.pop(ready[0])
         metrics = ray.get(ready[0])
-        out = folder / "baselines" / f"{name}-{solver}-nfe{nfe}"
-        tags = {"ats.kind": "baseline", "method": name, "solver": solver, "nfe": str(nfe),
-                "dataset": study.dataset, "git_commit": tracking.git_commit() or "unknown"}
-        run_id = tracker.child(f"baseline/{name}/{solver}/{nfe}", f"{name} {solver} nfe{nfe} (baseline)",
-                               {"method": name, "solver": solver, "nfe": nfe, "study": spec}, tags)
+        run_id = tracker.child(cell.baseline_key, f"{cell.label} (baseline)", {**cell._asdict(), "study": spec},
+                               run_tags("baseline", cell, study.dataset))
         tracker.log_metrics(run_id, metrics)
-        tracker.log_artifacts(run_id, out, "result")
+        tracker.log_artifacts(run_id, cell.baseline_folder(folder), "result")
         tracker.finish(run_id, "FINISHED")
-        done[f"{name}/{solver}/{nfe}"] = {**metrics, "run_id": run_id}
+        done[cell.state_key] = {**metrics, "run_id": run_id}
         state.baselines = done
         state.save(folder)
-        console.print(f"baseline {name:>14} {solver} NFE {nfe}: FID select {metrics['fid_select']:.4g}, "
-                      f"eval {metrics['fid_eval']:.4g}")
+        console.print(f"baseline {cell.method:>14} {cell.solver} NFE {cell.nfe}: "
+                      f"FID select {metrics['fid_select']:.4g}, eval {metrics['fid_eval']:.4g}")
     return done
 
 
 def _trainable(study: Study, spec: dict, cache: Path):
-    resources = {"cpu": study.cpus_per_trial, "gpu": study.gpus_per_trial}
-    return tune.with_resources(tune.with_parameters(run_trial, study=spec, cache=str(cache)), resources)
+    trainable = tune.with_parameters(tune_trial, study=spec, cache=str(cache))
+    trainable.__name__ = TRAINABLE
+    return tune.with_resources(trainable, {"cpu": study.cpus_per_trial, "gpu": study.gpus_per_trial})
 
 
 def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache: Path, resume: bool,
-               live: bool):
-    """The Tuner over every cell: its ResultGrid, and whether it stopped before all trials ended."""
+               live: bool) -> tuple[list[TrialRecord], bool]:
+    """The Tuner over every cell: the trials that finished, and whether it stopped before all
+    trials ended."""
     path = folder / "ray" / EXPERIMENT
     trainable = _trainable(study, spec, cache)
     if resume and tune.Tuner.can_restore(str(path)):
@@ -434,32 +440,33 @@ def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     grid = tuner.fit()
     finished = sum(1 for r in grid if r.error is not None or METRIC in (r.metrics or {}))
-    return grid, finished < study.trials * len(study.cells())
+    return _records(grid), finished < study.trials * len(study.cells())
 
 
-def evaluate_chosen(study: Study, spec: dict, folder: Path, state: SearchState, tracker, cache: Path, grid,
-                    console) -> dict[str, dict]:
+def _records(grid) -> list[TrialRecord]:
+    """The trials of a ResultGrid that reported their selection FID with a result folder."""
+    return [TrialRecord(Cell.of(r.config), r.metrics["trial_id"], trial_params(r.config), Path(r.checkpoint.path))
+            for r in grid if r.error is None and METRIC in (r.metrics or {}) and r.checkpoint is not None]
+
+
+def evaluate_chosen(study: Study, spec: dict, folder: Path, state: SearchState, tracker, cache: Path,
+                    trials: list[TrialRecord], console) -> dict[str, dict]:
     """The best trial of every cell (lowest selection FID) scored on the held-out evaluation
     seeds, as Ray tasks; kept in state.json, so a resumed study does not score it again.
-    Returns cell key -> {trial_id, folder, run_id, metrics}."""
-    runs = {r.data.tags.get("ats.key"): r.info.run_id for r in tracker.children()}
-    trials = [r for r in grid if r.error is None and METRIC in (r.metrics or {}) and r.checkpoint is not None]
+    Returns Cell.key -> {trial_id, folder, run_id, method, solver, nfe, metrics}."""
+    runs = {r.data.tags.get(tracking.KEY_TAG): r.info.run_id for r in tracker.children()}
+    best = best_trials(trials)
     done = dict(state.evaluated or {})
     pending = {}
-    for method, solver, nfe in study.cells():
-        key = cell_key(method, solver, nfe)
-        mine = [r for r in trials if (r.config["method"], r.config["solver"], r.config["nfe"]) == (method, solver, nfe)]
-        if not mine:
+    for cell in map(Cell._make, study.cells()):
+        trial = best.get(cell)
+        if trial is None or (cell.key in done and done[cell.key]["trial_id"] == trial.trial_id):
             continue
-        best = min(mine, key=lambda r: r.metrics[METRIC])
-        trial_id = best.metrics["trial_id"]
-        if key in done and done[key]["trial_id"] == trial_id:
-            continue
-        entry = {"trial_id": trial_id, "folder": best.checkpoint.path, "run_id": runs.get(f"trial/{trial_id}"),
-                 "method": method, "solver": solver, "nfe": nfe}
+        entry = {"trial_id": trial.trial_id, "folder": str(trial.folder),
+                 "run_id": runs.get(trial_run_key(trial.trial_id)), **cell._asdict()}
         ref = evaluate_trial.options(num_cpus=study.cpus_per_trial, num_gpus=study.gpus_per_trial).remote(
-            spec, method, trial_params(best.config), entry["folder"], str(cache))
-        pending[ref] = (key, entry)
+            spec, cell.method, trial.params, entry["folder"], str(cache))
+        pending[ref] = (cell.key, entry)
     while pending:
         ready, _ = ray.wait(list(pending))
         key, entry = pending.pop(ready[0])
@@ -477,126 +484,3 @@ def evaluate_chosen(study: Study, spec: dict, folder: Path, state: SearchState, 
                       f"FID eval {entry['metrics']['fid_eval']:.4g}")
     return done
 
-
-def summarize(study: Study, folder: Path, tracker, parent_id: str, baselines: dict[str, dict],
-              chosen: dict[str, dict]) -> list[Row]:
-    """Per (solver, NFE): every baseline and each method's chosen trial on the evaluation
-    seeds, with paired changes against the baseline of lowest selection FID (chosen on other
-    seeds than it is reported on) and against LD3; logged to each run and to the parent
-    (metrics, summary files, plots)."""
-    from .trial import load_fids
-    rows: list[Row] = []
-    for solver in study.solvers:
-        for nfe in study.nfes:
-            cell: list[Row] = []
-            for key, m in baselines.items():
-                name, s, n = _split_key(key)
-                fids = load_fids(folder / "baselines" / f"{name}-{solver}-nfe{nfe}") if (s, n) == (solver, nfe) else {}
-                if "eval" in fids:
-                    cell.append(Row(name, s, n, fids["eval"], "baseline", m.get("l2_eval", math.nan),
-                                    m.get("run_id"), m.get("fid_select", math.nan)))
-            for method in [m.name for m in study.methods]:
-                entry = chosen.get(cell_key(method, solver, nfe))
-                fids = load_fids(entry["folder"]) if entry else {}
-                if "eval" in fids:
-                    m = entry["metrics"]
-                    cell.append(Row(method, solver, nfe, fids["eval"], "method", m.get("l2_eval", math.nan),
-                                    entry["run_id"], m.get("fid_select", math.nan)))
-            compare(cell, by_select=True)
-            for r in cell:
-                if r.kind == "method" and r.run_id is not None:
-                    tracker.log_metrics(r.run_id, _change_metrics(r, ""))
-            rows += cell
-    _log_summary(study, folder, tracker, parent_id, rows, chosen)
-    return rows
-
-
-def _change_metrics(r: Row, suffix: str) -> dict[str, float]:
-    out = {}
-    for name, c in (("vs_best_baseline", r.vs_baseline), ("vs_ld3", r.vs_ld3)):
-        out.update({f"{name}_pct{suffix}": c.pct, f"{name}_low{suffix}": c.low, f"{name}_high{suffix}": c.high})
-    return {k: v for k, v in out.items() if math.isfinite(v)}
-
-
-def _split_key(key: str) -> tuple[str, str, int]:
-    name, solver, nfe = key.rsplit("/", 2)
-    return name, solver, int(nfe)
-
-
-def _log_summary(study: Study, folder: Path, tracker, parent_id: str, rows: list[Row], chosen: dict) -> None:
-    import torch
-
-    from .plots import plot_fid_intervals, plot_fid_vs_nfe, plot_schedules
-    out = folder / "summary"
-    metrics = {}
-    for r in rows:
-        key = f".{r.name}.{r.solver}.nfe{r.nfe}"
-        metrics.update({f"fid_eval{key}": r.fid.fid, f"fid_eval_low{key}": r.fid.low,
-                        f"fid_eval_high{key}": r.fid.high})
-        if r.kind == "method":
-            metrics.update(_change_metrics(r, key))
-    tracker.log_metrics(parent_id, {k: v for k, v in metrics.items() if math.isfinite(v)})
-    write_json(rows, out / "summary.json")
-    write_atomic(out / "summary.md", lambda tmp: Path(tmp).write_text(markdown(rows) + "\n".join(
-        verdict([r for r in rows if (r.solver, r.nfe) == cell]) for cell in _cells(rows)) + "\n"))
-    for solver in study.solvers:
-        mine = [r for r in rows if r.solver == solver]
-        if len(study.nfes) > 1:
-            plot_fid_vs_nfe(mine, out / f"fid_vs_nfe-{solver}.png")
-        else:
-            plot_fid_intervals(mine, out / f"fid-{solver}-nfe{study.nfes[0]}.png")
-    ns = study.noise_schedule()
-    for solver in study.solvers:
-        for nfe in study.nfes:
-            lines, cond = {}, {}
-            folders = {name: folder / "baselines" / f"{name}-{solver}-nfe{nfe}" for name in study.baselines}
-            folders.update({e["method"]: Path(e["folder"]) for e in chosen.values()
-                            if (e["solver"], e["nfe"]) == (solver, nfe)})
-            for name, f in folders.items():
-                if (f / "schedule.json").exists():
-                    data = json.loads((f / "schedule.json").read_text())
-                    lines[name] = torch.tensor(data["timesteps"])
-                    if data.get("cond_timesteps") is not None:
-                        cond[name] = torch.tensor(data["cond_timesteps"])
-            if lines:
-                plot_schedules(lines, ns, out / f"schedules-{solver}-nfe{nfe}.png", title=f"{solver}, NFE {nfe}",
-                               cond=cond)
-            _samples_side_by_side(folders, out / f"samples-{solver}-nfe{nfe}.png")
-    tracker.log_artifacts(parent_id, out, "summary")
-
-
-def _cells(rows: list[Row]) -> list[tuple[str, int]]:
-    return list(dict.fromkeys((r.solver, r.nfe) for r in rows))
-
-
-def _samples_side_by_side(folders: dict[str, Path], path: Path) -> None:
-    """The first evaluation seeds under every baseline and the chosen trial of every method."""
-    import torch
-
-    from .plots import plot_points, save_side_by_side
-    samples = {name: torch.load(f / "samples.pt", weights_only=True) for name, f in folders.items()
-               if (f / "samples.pt").exists()}
-    if not samples:
-        return
-    if next(iter(samples.values())).ndim == 4:
-        save_side_by_side(samples, path, scale=4 if next(iter(samples.values())).shape[-1] <= 16 else 1)
-    else:
-        plot_points(samples, path)
-
-
-def print_table(console, study: Study, rows: list[Row], tracker, folder: Path, interrupted: bool) -> None:
-    cells = _cells(rows)
-    where = f", {cells[0][0]} NFE {cells[0][1]}" if len(cells) == 1 else ""
-    console.print(rich_table(rows, f"{study.name}{where}: FID on {study.n_eval} held-out evaluation samples",
-                             f"each method: its trial of lowest FID on {study.n_select} selection samples; "
-                             f"reference: the baseline of lowest FID on the selection samples", select=True))
-    for cell in cells:
-        console.print(verdict([r for r in rows if (r.solver, r.nfe) == cell]))
-    chosen = [f"{r.name}{'' if len(cells) == 1 else f' {r.solver} NFE {r.nfe}'} {r.run_id}" for r in rows
-              if r.kind == "method" and r.run_id]
-    if chosen:
-        console.print("MLflow runs of the chosen trials (for ats evaluate/sample/export --run): " + ", ".join(chosen))
-    if interrupted:
-        console.print(f"[yellow]stopped before every trial finished[/]: resume with "
-                      f"`ats search --resume {folder}`")
-    console.print(f"MLflow: {tracking.runs_url(tracker.uri, tracker.experiment_id)}")

@@ -52,8 +52,11 @@ def _ddpm_scheduler(path: Path):
 
 
 def checkpoint_noise_schedule(path: str | Path | None) -> NoiseScheduleVP:
-    """The checkpoint's noise schedule from its scheduler's betas, without loading the network."""
-    path, _ = check_checkpoint_dir(path)
+    """The checkpoint's noise schedule from its scheduler's betas, without loading (or needing)
+    the network."""
+    if not path or not (Path(path) / "scheduler_config.json").is_file():
+        raise ValueError(f"checkpoint {path} lacks scheduler_config.json; {WHERE}")
+    path = Path(path)
     return NoiseScheduleVP("discrete", betas=_ddpm_scheduler(path).betas.to(torch.float64))
 
 

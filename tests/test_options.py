@@ -103,3 +103,34 @@ def test_fit_context_hands_out_real_data_only_where_there_is_some():
     from ats.models.sources import load_source
     ctx = FitContext(load_source("gmm", preset="2d"), "ddim", 4, seed=3)
     assert ctx.real_data(5).shape == (5, 2)
+
+
+def test_a_new_method_is_one_class_and_one_registry_entry(monkeypatch, tmp_path):
+    """The README's recipe: a fit function, a Method subclass, an entry in METHODS."""
+    import torch
+
+    from ats.discretize import get_timesteps
+    from ats.methods import fit_method
+    from ats.methods.common import FitResult
+    from ats.models.sources import load_source
+
+    def fit_mine(source, train, valid, solver, steps, order=None, lr: float = 1e-3, seed: int = 0) -> FitResult:
+        ts = get_timesteps(source.noise_schedule, "logSNR", steps, dtype=train.latents.dtype)
+        return FitResult("mine", solver, order, steps, timesteps=ts, info={"lr": lr, "n": len(train.latents)})
+
+    class Mine(Method):
+        name = "mine"
+        options = declare(fit_mine, ("source", "train", "valid", "solver", "steps", "order", "seed"),
+                          positive=("lr",))
+
+        def fit(self, ctx: FitContext, **options) -> FitResult:
+            return fit_mine(ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order, seed=ctx.seed,
+                            **options)
+
+    monkeypatch.setitem(METHODS, "mine", Mine())
+    source = load_source("gmm", preset="2d")
+    result = fit_method("mine", source, "heun", 5, n_train=4, n_valid=4, cache=tmp_path, options={"lr": 0.5})
+    assert (result.steps, result.nfe, result.info) == (3, 5, {"lr": 0.5, "n": 4})
+    assert torch.equal(result.timesteps, get_timesteps(source.noise_schedule, "logSNR", 3, dtype=torch.float64))
+    with pytest.raises(OptionError, match="lr: must be > 0"):
+        fit_method("mine", source, "heun", 5, cache=tmp_path, options={"lr": -1})

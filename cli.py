@@ -268,7 +268,7 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
         if len(source.shape) != 3:
             raise click.UsageError(f"--grid needs an image dataset; {source.name} samples are points")
         from ats.plots import save_image_grid
-        click.echo(f"grid: {save_image_grid(data.targets[:64], grid, scale=4 if source.shape[-1] <= 16 else 1)}")
+        click.echo(f"grid: {save_image_grid(data.targets[:64], grid)}")
 
 
 @main.command()

@@ -179,10 +179,9 @@ def save_samples(source: ModelSource, samples: dict[str, Tensor], path: str | Pa
     models a scatter of the first two coordinates over exact samples of the mixture."""
     from .plots import plot_points, save_image_grid, save_side_by_side
     if len(source.shape) == 3:
-        scale = 4 if source.shape[-1] <= 16 else 1
         if len(samples) == 1:
-            return save_image_grid(next(iter(samples.values())), path, scale=scale)
-        return save_side_by_side(samples, path, scale=scale)
+            return save_image_grid(next(iter(samples.values())), path)
+        return save_side_by_side(samples, path)
     gmm = source.info.get("gmm")
     reference = None if gmm is None else gmm.sample(2000, generator=torch.Generator().manual_seed(0))
     return plot_points(samples, path, reference=reference)

@@ -27,11 +27,6 @@ from .methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampl
 from .models.base import ModelSource
 from .noise import EDMSchedule, NoiseSchedule, NoiseScheduleVP
 
-# What the installed diffusers (0.3x-0.4x) takes in ``set_timesteps``, checked in its source:
-# integer ``timesteps=`` (the model is called at them) and ``sigmas=`` (N+1 noise levels).
-TIMESTEPS_SCHEDULERS = ("DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler",
-                        "HeunDiscreteScheduler", "DDPMScheduler")
-SIGMAS_SCHEDULERS = ("EulerDiscreteScheduler",)
 EDM_RHO = 7.
 
 

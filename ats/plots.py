@@ -29,9 +29,15 @@ def image_grid(images: Tensor, nrow: int | None = None, scale: int = 1, pad: int
     return grid.permute(1, 2, 0)
 
 
-def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    """Write ``image_grid`` as a PNG (temporary file, then rename)."""
+def grid_scale(images: Tensor) -> int:
+    """Pixels per image pixel in a grid: small images (8x8 digits) are drawn 4x larger."""
+    return 4 if images.shape[-1] <= 16 else 1
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
+    """Write ``image_grid`` as a PNG (temporary file, then rename); ``scale`` default ``grid_scale``."""
     from PIL import Image
+    scale = scale or grid_scale(images)
     grid = image_grid(images, nrow, scale).numpy()
     return write_atomic(path, lambda tmp: Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).save(tmp))
 
@@ -143,10 +149,12 @@ def plot_fid_intervals(rows: Sequence, path: str | Path) -> Path:
     return _save_figure(fig, path)
 
 
-def save_side_by_side(images: dict[str, Tensor], path: str | Path, scale: int = 1, gap: int = 8) -> Path:
+def save_side_by_side(images: dict[str, Tensor], path: str | Path, scale: int | None = None, gap: int = 8) -> Path:
     """One ``image_grid`` per entry ([B, C, H, W] in [-1, 1], the same seeds under several
-    schedules), left to right, each under its name; a PNG (temporary file, then rename)."""
+    schedules), left to right, each under its name; a PNG (temporary file, then rename);
+    ``scale`` default ``grid_scale``."""
     from PIL import Image, ImageDraw
+    scale = scale or grid_scale(next(iter(images.values())))
     grids = [image_grid(x, scale=scale).numpy() for x in images.values()]
     label_h = 14
     width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)

@@ -171,7 +171,7 @@ def _samples_side_by_side(folders: dict[str, Path], path: Path) -> None:
         return
     first = next(iter(samples.values()))
     if first.ndim == 4:
-        save_side_by_side(samples, path, scale=4 if first.shape[-1] <= 16 else 1)
+        save_side_by_side(samples, path)
     else:
         plot_points(samples, path)
 

@@ -203,7 +203,7 @@ def write_folder(scored: Scored, source: ModelSource, out: str | Path,
                              reference=None if start is None else torch.tensor(start))
     write_atomic(out / "samples.pt", lambda tmp: torch.save(scored.samples, tmp))   # first evaluation seeds
     if len(source.shape) == 3:
-        save_image_grid(scored.samples, out / "samples.png", scale=4 if source.shape[-1] <= 16 else 1)
+        save_image_grid(scored.samples, out / "samples.png")
     return out
 
 

@@ -113,8 +113,7 @@ class OneShotPredictor(Predictor):
     def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The solver on the one-shot schedules ``sampler.timesteps(x_T, labels)``."""
-        ts = sampler.timesteps(x_T, labels)
-        src = sampler.source
+        ts, src = sampler.timesteps(x_T, labels), sampler.source
         return sample(src.model_fn_for(labels), src.noise_schedule, x_T, ts, sampler.solver, order=sampler.order), ts
 
     def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
@@ -135,40 +134,36 @@ class DeltaPredictor(Predictor):
                  dropout: float = 0.) -> None:
         super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=2, outputs=1)
 
-    def fraction(self, x: Tensor, alpha: Tensor, sigma: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
-        """f_k in (0, 1) per sample from x at step k (alpha, sigma: [B])."""
+    def fraction(self, x: Tensor, c: Coeffs, k: int, labels: Tensor | None = None) -> Tensor:
+        """f_k in (0, 1) per sample from x at step k, c the coefficients at t_k ([B, 1, ...])."""
+        alpha, sigma = c.alpha.reshape(-1), c.sigma.reshape(-1)
         h = self.features(x / expand_dims(torch.sqrt(alpha ** 2 + sigma ** 2), x.ndim), labels)
         extra = torch.stack([torch.log(sigma / alpha).float(), torch.full_like(sigma, k / self.steps).float()], 1)
         logit = self.head(torch.cat([h, extra], 1)).squeeze(1) - math.log(self.steps - k - 1)
         return torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4).to(x.dtype)
 
-    def _fraction_at(self, x: Tensor, c: Coeffs, k: int, labels: Tensor | None) -> Tensor:
-        return self.fraction(x, c.alpha.reshape(-1), c.sigma.reshape(-1), k, labels)
-
-    def _walk(self, sampler: PredictorSampler, x: Tensor, t: Tensor, t_end: Tensor, labels: Tensor | None,
-              choose: NextTime) -> tuple[Tensor, Tensor]:
-        """The solver from x at t ([B]); step k < N-1 ends at ``choose(k, x_k, c_k)``, the
-        last at t_end. Returns x at the end and the times [B, N+1]."""
+    def _walk(self, sampler: PredictorSampler, x: Tensor, t: Tensor, labels: Tensor | None,
+              next_time: NextTime) -> tuple[Tensor, Tensor]:
+        """The solver from x at t ([B]), step k ending at ``next_time(k, x_k, c_k)``; returns x
+        at the end and the times [B, N+1]."""
         ns = sampler.source.noise_schedule
         run = bind_solver(sampler.source.model_fn_for(labels), ns, sampler.solver, self.steps, sampler.order)
-        last = self.steps - 1
-        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)],
-                                    next_time=lambda k, x, c: t_end if k == last else choose(k, x, c)))
+        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], next_time=next_time))
         return steps[-1].x, torch.stack([t] + [s.c.t for s in steps], 1)
 
-    def sample_with(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None = None,
-                    t_start: float | None = None, t_end: float | None = None) -> tuple[Tensor, Tensor]:
-        """lambda_{k+1} = lambda_k + f_k (lambda_end - lambda_k) from t_start (default T),
-        the last time t_end (default eps)."""
+    def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
+                    labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """From T: lambda_{k+1} = lambda_k + f_k (lambda_eps - lambda_k), the last time eps."""
         ns = sampler.source.noise_schedule
-        t, t_last = (torch.full((x_T.shape[0],), value, dtype=x_T.dtype, device=x_T.device)
-                     for value in (ns.T if t_start is None else t_start, ns.eps if t_end is None else t_end))
-        lam_end = ns.marginal_lambda(t_last)
+        t, t_end = (torch.full((len(x_T),), v, dtype=x_T.dtype, device=x_T.device) for v in (ns.T, ns.eps))
+        lam_end = ns.marginal_lambda(t_end)
 
-        def choose(k: int, x: Tensor, c: Coeffs) -> Tensor:
+        def next_time(k: int, x: Tensor, c: Coeffs) -> Tensor:
+            if k == self.steps - 1:
+                return t_end
             lam = c.lam.reshape(-1)
-            return ns.inverse_lambda(lam + self._fraction_at(x, c, k, labels) * (lam_end - lam))
-        return self._walk(sampler, x_T, t, t_last, labels, choose)
+            return ns.inverse_lambda(lam + self.fraction(x, c, k, labels) * (lam_end - lam))
+        return self._walk(sampler, x_T, t, labels, next_time)
 
     def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
                         target_ts: Tensor) -> Tensor:
@@ -177,28 +172,27 @@ class DeltaPredictor(Predictor):
         lam = sampler.source.noise_schedule.marginal_lambda(target_ts)
         errors, grad = [], torch.is_grad_enabled()
 
-        def choose(k: int, x: Tensor, c: Coeffs) -> Tensor:
-            goal = (lam[:, k + 1] - lam[:, k]) / (lam[:, -1] - lam[:, k])
-            with torch.set_grad_enabled(grad):
-                errors.append((self._fraction_at(x, c, k, labels) - goal) ** 2)
+        def next_time(k: int, x: Tensor, c: Coeffs) -> Tensor:
+            if k < self.steps - 1:
+                goal = (lam[:, k + 1] - lam[:, k]) / (lam[:, -1] - lam[:, k])
+                with torch.set_grad_enabled(grad):
+                    errors.append((self.fraction(x, c, k, labels) - goal) ** 2)
             return target_ts[:, k + 1]
         with torch.no_grad():
-            self._walk(sampler, x_T, target_ts[:, 0], target_ts[:, -1], labels, choose)
+            self._walk(sampler, x_T, target_ts[:, 0], labels, next_time)
         return torch.stack(errors, 1).mean(1) if errors else torch.zeros(len(x_T), dtype=x_T.dtype)
 
 
 def load_predictor(saved: dict) -> Predictor:
     """Rebuild a predictor from what ``save_result`` stores for it (``{"class", "config",
     "state_dict"}``)."""
-    classes = {"OneShotPredictor": OneShotPredictor, "DeltaPredictor": DeltaPredictor}
+    classes = {cls.__name__: cls for cls in (OneShotPredictor, DeltaPredictor)}
     if saved.get("class") not in classes:
         raise ValueError(f"unknown predictor class {saved.get('class')!r}; expected one of {', '.join(classes)}")
     cfg = dict(saved["config"])
-    shape, steps = tuple(cfg.pop("shape")), cfg.pop("steps")
     if saved["class"] == "OneShotPredictor":
-        net = OneShotPredictor(shape, steps, saved["state_dict"]["base"], **cfg)
-    else:
-        net = DeltaPredictor(shape, steps, **cfg)
+        cfg["base"] = saved["state_dict"]["base"]
+    net = classes[saved["class"]](tuple(cfg.pop("shape")), cfg.pop("steps"), **cfg)
     net.load_state_dict(saved["state_dict"])
     return net.eval()
 

@@ -22,7 +22,6 @@ GITS; its adaptive first step (AFS) is not reproduced.
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,10 +30,9 @@ from torch import Tensor
 from ..discretize import get_timesteps
 from ..models.sources import ModelSource
 from ..noise import NoiseSchedule
-from ..solvers import coeffs, get_step_fn, sample, solver_spec, steps_for_nfe
+from ..solvers import ModelFn, coeffs, get_step_fn, sample, solver_spec, steps_for_nfe
 from .common import FitResult, assert_monotone
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 METRICS = ("l2", "l1", "dev")
 
 

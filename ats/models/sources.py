@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from ..noise import NoiseSchedule, NoiseScheduleVP
+from ..solvers import ModelFn
 from .gmm import GaussianMixture
 from .wrapper import model_wrapper
 
 DATASETS = ("gmm", "digits", "cifar10")
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass

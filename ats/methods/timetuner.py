@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -107,15 +107,15 @@ class _Problem:
         self.run, self.ts, self.grid, self.chunk = run, ts, grid, chunk
 
     def run_step(self, i: int, x: Tensor, state: SolverState, cond_t: Tensor | None, cond_next: Tensor | None,
-                 **kw: Any) -> tuple[Tensor, SolverState]:
-        """Step i of the schedule (``BoundSolver.step``; ``kw``: order, last)."""
-        return self.run.step(i, x, self.grid[i], self.grid[i + 1], state, cond_t, cond_next, **kw)
+                 order: int | None = None, last: bool | None = None) -> tuple[Tensor, SolverState]:
+        """Step i of the schedule (``BoundSolver.step``)."""
+        return self.run.step(i, x, self.grid[i], self.grid[i + 1], state, cond_t, cond_next, order=order, last=last)
 
     @torch.no_grad()
     def chunked(self, i: int, x: Tensor, state: SolverState, cond_t: Tensor | None, cond_next: Tensor | None,
-                **kw: Any) -> tuple[Tensor, SolverState]:
+                order: int | None = None, last: bool | None = None) -> tuple[Tensor, SolverState]:
         """``run_step`` over the whole pool, in chunks."""
-        outs = [self.run_step(i, xc, state.take(slice(k, k + len(xc))), cond_t, cond_next, **kw)
+        outs = [self.run_step(i, xc, state.take(slice(k, k + len(xc))), cond_t, cond_next, order, last)
                 for k, xc in zip(range(0, len(x), self.chunk), x.split(self.chunk))]
         return torch.cat([o[0] for o in outs]), SolverState.cat([o[1] for o in outs])
 

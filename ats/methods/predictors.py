@@ -180,7 +180,7 @@ class DeltaPredictor(Predictor):
             return target_ts[:, k + 1]
         with torch.no_grad():
             self._walk(sampler, x_T, target_ts[:, 0], labels, next_time)
-        return torch.stack(errors, 1).mean(1) if errors else torch.zeros(len(x_T), dtype=x_T.dtype)
+        return torch.stack(errors, 1).mean(1)
 
 
 def load_predictor(saved: dict) -> Predictor:

@@ -1,6 +1,6 @@
 """One step of each solver: x at time t -> x at time t_next.
 
-Every step function has the signature
+Every step function has the signature (``StepFn``)
 
     step(model_fn, x, c, c_next, state, *, order, cond_t, cond_next, last) -> (x_next, state)
 

@@ -7,7 +7,8 @@ from ats.discretize import get_timesteps
 from ats.models import GaussianMixture, model_wrapper
 from ats.noise import EDMSchedule, NoiseScheduleVP
 from ats.params import offset_cond_timesteps
-from ats.solvers import SolverState, coeffs, get_step_fn, nfe, sample, step_orders
+from ats.solvers import SolverState, bind_solver, coeffs, get_step_fn, nfe, sample, step_orders
+from ats.solvers.steps import grid_coeffs
 
 LINEAR = NoiseScheduleVP("linear")
 CONFIGS = [("ddim", 1, {}), ("euler", 1, {}), ("heun", 2, {}),
@@ -128,6 +129,54 @@ def test_step_api_and_nfe(gmm, solver, order, kw):
         y, state = step(counting, y, coeffs(LINEAR, ts[:, i], y.ndim), coeffs(LINEAR, ts[:, i + 1], y.ndim),
                         state, order=o, cond_t=ts[:, i], cond_next=ts[:, i + 1], last=i == steps - 1)
     assert torch.equal(y, out)
+
+
+@pytest.mark.parametrize("solver, order, kw", CONFIGS, ids=IDS)
+def test_step_hooks_reproduce_sample(gmm, solver, order, kw):
+    """The callback sees every step of ``sample``; a next_time hook returning the schedule's
+    own next times and ``BoundSolver.iter_steps`` on the grid reproduce it bit for bit."""
+    model_fn = model_wrapper(gmm, LINEAR, model_type="edm")
+    x = torch.randn(3, gmm.dim, dtype=torch.float64)
+    ts = get_timesteps(LINEAR, "logSNR", 5).expand(3, -1)
+    out, trajectory = sample(model_fn, LINEAR, x, ts, solver, order=order, return_intermediates=True, **kw)
+    for hook in (None, lambda i, x, c: ts[:, i + 1]):
+        seen = []
+        assert torch.equal(sample(model_fn, LINEAR, x, ts, solver, order=order, callback=seen.append,
+                                  next_time=hook, **kw), out)
+        assert [step.i for step in seen] == list(range(5))
+        for step in seen:
+            assert torch.equal(step.x, trajectory[step.i + 1]) and torch.equal(step.c.t, ts[:, step.i + 1])
+    run = bind_solver(model_fn, LINEAR, solver, 5, order, **kw)
+    assert torch.equal(list(run.iter_steps(x, grid_coeffs(LINEAR, ts, x.ndim)))[-1].x, out)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "heun", "dpm_solver++", "uni_pc", "ipndm"])
+def test_next_time_is_honoured(gmm, solver):
+    """With next_time, the timesteps give only t_0 and N: each step ends where the hook says
+    (per sample here), as sampling on the hook's schedule does, and the network sees it."""
+    model_fn = model_wrapper(gmm, LINEAR, model_type="edm")
+    x = torch.randn(2, gmm.dim, dtype=torch.float64)
+    ts = get_timesteps(LINEAR, "logSNR", 4)
+    chosen = torch.stack([get_timesteps(LINEAR, "time_uniform", 4), get_timesteps(LINEAR, "time_quadratic", 4)])
+    assert torch.equal(chosen[:, 0], ts[[0, 0]]) and not torch.equal(chosen[0], ts)
+    asked, seen, reached = [], [], []
+
+    def next_time(i, x_i, c):
+        asked.append((i, x_i, c.t))
+        return chosen[:, i + 1]
+
+    def recording(x, t):
+        seen.append(t)
+        return model_fn(x, t)
+    out = sample(recording, LINEAR, x, ts, solver, next_time=next_time, callback=reached.append)
+    _, trajectory = sample(model_fn, LINEAR, x, chosen, solver, return_intermediates=True)
+    assert torch.equal(out, trajectory[-1])
+    assert [i for i, _, _ in asked] == list(range(4))
+    for i, x_i, t_i in asked:
+        assert torch.equal(x_i, trajectory[i])
+        assert torch.equal(t_i.expand(2), chosen[:, i])
+        assert torch.equal(reached[i].c.t, chosen[:, i + 1])
+    assert any(torch.equal(t, chosen[:, 1]) for t in seen)
 
 
 @pytest.mark.parametrize("solver, order, kw", CONFIGS, ids=IDS)

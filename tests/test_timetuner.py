@@ -102,7 +102,7 @@ def test_sequential_pool_follows_the_sampler(gmm_setup, solver):
     """Sequential fits start step i from the states ``sample`` reaches with the tuned ratios
     (multistep history and UniPC's reused corrector output included), pushed in chunks."""
     from ats.methods.timetuner import _Problem
-    from ats.solvers import get_step_fn, step_orders
+    from ats.solvers import bind_solver
     from ats.solvers.steps import SolverState, grid_coeffs
 
     source, _, ts = gmm_setup
@@ -110,8 +110,8 @@ def test_sequential_pool_follows_the_sampler(gmm_setup, solver):
     x = source.latents(range(100))
     _, trajectory = sample(source.model_fn, source.noise_schedule, x, ts, solver, cond_timesteps=cond,
                            return_intermediates=True)
-    prob = _Problem(source.model_fn, get_step_fn(solver), ts, grid_coeffs(source.noise_schedule, ts[None], 2),
-                    step_orders(solver, len(ts) - 1), chunk=32)
+    prob = _Problem(bind_solver(source.model_fn, source.noise_schedule, solver, len(ts) - 1), ts,
+                    grid_coeffs(source.noise_schedule, ts[None], 2), chunk=32)
     state = SolverState()
     for i in range(len(ts) - 1):
         x, state = prob.advance(i, x, state, cond)

@@ -22,7 +22,7 @@ GITS; its adaptive first step (AFS) is not reproduced.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +31,12 @@ from torch import Tensor
 from ..discretize import get_timesteps
 from ..models.base import ModelSource
 from ..noise import NoiseSchedule
-from ..solvers import coeffs, get_step_fn, sample, solver_spec
+from ..solvers import ModelFn, coeffs, get_step_fn, sample, solver_spec
 from ..options import declare
 from ..teacher import split_seeds
 from .base import FitContext, Method
 from .common import FitResult, assert_monotone
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 METRICS = ("l2", "l1", "dev")
 
 

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from ..losses import LOSS_NAMES, get_loss
 from ..models.base import ModelSource
-from ..models.wrapper import expand_dims
 from ..options import declare
 from ..params import SPACES, timesteps_from_logits
-from ..solvers import SolverState, coeffs, get_step_fn, sample, step_orders
+from ..solvers import Coeffs, NextTime, bind_solver, coeffs, sample
+from ..tensors import expand_dims
 from ..teacher import TeacherData
 from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
@@ -69,36 +69,13 @@ def encoder(shape: tuple[int, ...], width: int | None = None) -> tuple[nn.Module
                          nn.SiLU()), 4 * width
 
 
-class OneShotPredictor(nn.Module):
-    """x_T (and a label) -> logits theta [N+1]. ``width`` None: ``auto_width(shape)``; the
-    width used is in ``config`` (with ``base`` in the state dict, enough to rebuild it)."""
+class Predictor(nn.Module):
+    """What both predictors share: ``config`` (enough to rebuild one), the encoder of x, a
+    label embedding for conditional models, and a head h -> out whose last layer starts at
+    zero (so an untrained predictor gives its prior schedule)."""
 
-    def __init__(self, shape: tuple[int, ...], steps: int, base: Tensor, num_classes: int = 0,
-                 width: int | None = None, dropout: float = 0.) -> None:
-        super().__init__()
-        width = auto_width(tuple(shape)) if width is None else int(width)
-        self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
-                       "dropout": dropout}
-        self.encode, feat = encoder(tuple(shape), width)
-        self.label = nn.Embedding(num_classes, feat) if num_classes else None
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat, feat), nn.SiLU(), nn.Linear(feat, steps + 1))
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
-        self.register_buffer("base", base.detach().float().clone())
-
-    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
-        h = self.encode(x_T.float())
-        if self.label is not None and labels is not None:
-            h = h + self.label(labels)
-        return self.base + self.head(h)
-
-
-class DeltaPredictor(nn.Module):
-    """(x_{t_k}, t_k, k) -> the fraction of the remaining lambda distance to step. ``width``
-    None: ``auto_width(shape)``; the width used is in ``config``."""
-
-    def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int | None = None,
-                 dropout: float = 0.) -> None:
+    def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int, width: int | None, dropout: float,
+                 extra_inputs: int, outputs: int) -> None:
         super().__init__()
         width = auto_width(tuple(shape)) if width is None else int(width)
         self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
@@ -106,65 +83,130 @@ class DeltaPredictor(nn.Module):
         self.steps = steps
         self.encode, feat = encoder(tuple(shape), width)
         self.label = nn.Embedding(num_classes, feat) if num_classes else None
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat + 2, feat), nn.SiLU(), nn.Linear(feat, 1))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(feat + extra_inputs, feat), nn.SiLU(),
+                                  nn.Linear(feat, outputs))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
-    def fraction(self, x: Tensor, alpha: Tensor, sigma: Tensor, k: int, labels: Tensor | None = None) -> Tensor:
-        """f_k in (0, 1) per sample from x at step k (alpha, sigma: [B])."""
-        h = self.encode((x / expand_dims(torch.sqrt(alpha ** 2 + sigma ** 2), x.ndim)).float())
-        if self.label is not None and labels is not None:
-            h = h + self.label(labels)
+    def features(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """h = encode(x) + embed(label) (the label's term for conditional models only)."""
+        h = self.encode(x.float())
+        return h + self.label(labels) if self.label is not None and labels is not None else h
+
+    def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
+                    labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x0 and the per-sample times [B, N+1] the predictor gives x_T."""
+        raise NotImplementedError
+
+    def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
+                        target_ts: Tensor) -> Tensor:
+        """Per-sample squared error against the oracle schedules ``target_ts`` [B, N+1]."""
+        raise NotImplementedError
+
+
+class OneShotPredictor(Predictor):
+    """x_T (and a label) -> logits theta [N+1]. ``width`` None: ``auto_width(shape)``; the
+    width used is in ``config`` (with ``base`` in the state dict, enough to rebuild it)."""
+
+    def __init__(self, shape: tuple[int, ...], steps: int, base: Tensor, num_classes: int = 0,
+                 width: int | None = None, dropout: float = 0.) -> None:
+        super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=0, outputs=steps + 1)
+        self.register_buffer("base", base.detach().float().clone())
+
+    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.base + self.head(self.features(x_T, labels))
+
+    def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
+                    labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The solver on the one-shot schedules ``sampler.timesteps(x_T, labels)``."""
+        ts, src = sampler.timesteps(x_T, labels), sampler.source
+        return sample(src.model_fn_for(labels), src.noise_schedule, x_T, ts, sampler.solver, order=sampler.order), ts
+
+    def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
+                        target_ts: Tensor) -> Tensor:
+        """mean_k ((lambda_k - lambda*_k) / |lambda*_N - lambda*_0|)^2, lambda* the oracle's."""
+        ns = sampler.source.noise_schedule
+        lam_p = ns.marginal_lambda(sampler.timesteps(x_T, labels))
+        lam_t = ns.marginal_lambda(target_ts)
+        span = (lam_t[:, -1] - lam_t[:, 0]).abs()[:, None]
+        return (((lam_p - lam_t) / span) ** 2).mean(1)
+
+
+class DeltaPredictor(Predictor):
+    """(x_{t_k}, t_k, k) -> the fraction of the remaining lambda distance to step. ``width``
+    None: ``auto_width(shape)``; the width used is in ``config``."""
+
+    def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int | None = None,
+                 dropout: float = 0.) -> None:
+        super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=2, outputs=1)
+
+    def fraction(self, x: Tensor, c: Coeffs, k: int, labels: Tensor | None = None) -> Tensor:
+        """f_k in (0, 1) per sample from x at step k, c the coefficients at t_k ([B, 1, ...])."""
+        alpha, sigma = c.alpha.reshape(-1), c.sigma.reshape(-1)
+        h = self.features(x / expand_dims(torch.sqrt(alpha ** 2 + sigma ** 2), x.ndim), labels)
         extra = torch.stack([torch.log(sigma / alpha).float(), torch.full_like(sigma, k / self.steps).float()], 1)
         logit = self.head(torch.cat([h, extra], 1)).squeeze(1) - math.log(self.steps - k - 1)
         return torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4).to(x.dtype)
 
+    def _walk(self, sampler: PredictorSampler, x: Tensor, t: Tensor, labels: Tensor | None,
+              next_time: NextTime) -> tuple[Tensor, Tensor]:
+        """The solver from x at t ([B]), step k ending at ``next_time(k, x_k, c_k)``; returns x
+        at the end and the times [B, N+1]."""
+        ns = sampler.source.noise_schedule
+        run = bind_solver(sampler.source.model_fn_for(labels), ns, sampler.solver, self.steps, sampler.order)
+        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], next_time=next_time))
+        return steps[-1].x, torch.stack([t] + [s.c.t for s in steps], 1)
 
-def load_predictor(saved: dict) -> nn.Module:
+    def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
+                    labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """From T: lambda_{k+1} = lambda_k + f_k (lambda_eps - lambda_k), the last time eps."""
+        ns = sampler.source.noise_schedule
+        t, t_end = (torch.full((len(x_T),), v, dtype=x_T.dtype, device=x_T.device) for v in (ns.T, ns.eps))
+        lam_end = ns.marginal_lambda(t_end)
+
+        def next_time(k: int, x: Tensor, c: Coeffs) -> Tensor:
+            if k == self.steps - 1:
+                return t_end
+            lam = c.lam.reshape(-1)
+            return ns.inverse_lambda(lam + self.fraction(x, c, k, labels) * (lam_end - lam))
+        return self._walk(sampler, x_T, t, labels, next_time)
+
+    def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
+                        target_ts: Tensor) -> Tensor:
+        """Teacher forcing: the solver walks the oracle schedule (without gradient); at each
+        step k < N-1, (f_k - (lambda*_{k+1} - lambda*_k) / (lambda*_N - lambda*_k))^2, averaged."""
+        lam = sampler.source.noise_schedule.marginal_lambda(target_ts)
+        errors, grad = [], torch.is_grad_enabled()
+
+        def next_time(k: int, x: Tensor, c: Coeffs) -> Tensor:
+            if k < self.steps - 1:
+                goal = (lam[:, k + 1] - lam[:, k]) / (lam[:, -1] - lam[:, k])
+                with torch.set_grad_enabled(grad):
+                    errors.append((self.fraction(x, c, k, labels) - goal) ** 2)
+            return target_ts[:, k + 1]
+        with torch.no_grad():
+            self._walk(sampler, x_T, target_ts[:, 0], labels, next_time)
+        return torch.stack(errors, 1).mean(1)
+
+
+def load_predictor(saved: dict) -> Predictor:
     """Rebuild a predictor from what ``save_result`` stores for it (``{"class", "config",
     "state_dict"}``)."""
-    classes = {"OneShotPredictor": OneShotPredictor, "DeltaPredictor": DeltaPredictor}
+    classes = {cls.__name__: cls for cls in (OneShotPredictor, DeltaPredictor)}
     if saved.get("class") not in classes:
         raise ValueError(f"unknown predictor class {saved.get('class')!r}; expected one of {', '.join(classes)}")
     cfg = dict(saved["config"])
-    shape, steps = tuple(cfg.pop("shape")), cfg.pop("steps")
     if saved["class"] == "OneShotPredictor":
-        net = OneShotPredictor(shape, steps, saved["state_dict"]["base"], **cfg)
-    else:
-        net = DeltaPredictor(shape, steps, **cfg)
+        cfg["base"] = saved["state_dict"]["base"]
+    net = classes[saved["class"]](tuple(cfg.pop("shape")), cfg.pop("steps"), **cfg)
     net.load_state_dict(saved["state_dict"])
     return net.eval()
-
-
-def delta_sample(predictor: DeltaPredictor, model_fn, noise_schedule, x: Tensor, solver: str,
-                 order: int | None = None, labels: Tensor | None = None, t_start: float | None = None,
-                 t_end: float | None = None) -> tuple[Tensor, Tensor]:
-    """Sample with the delta predictor choosing each next time; returns (x0, times [B, N+1])."""
-    ns, n = noise_schedule, predictor.steps
-    b = x.shape[0]
-    t = torch.full((b,), ns.T if t_start is None else t_start, dtype=x.dtype, device=x.device)
-    t_last = torch.full((b,), ns.eps if t_end is None else t_end, dtype=x.dtype, device=x.device)
-    lam_end = ns.marginal_lambda(t_last)
-    step = get_step_fn(solver)
-    state, times = SolverState(), [t]
-    for k, o in enumerate(step_orders(solver, n, order)):
-        c = coeffs(ns, t, x.ndim)
-        if k == n - 1:
-            t_next = t_last
-        else:
-            lam = c.lam.reshape(-1)
-            f = predictor.fraction(x, c.alpha.reshape(-1), c.sigma.reshape(-1), k, labels)
-            t_next = ns.inverse_lambda(lam + f * (lam_end - lam))
-        x, state = step(model_fn, x, c, coeffs(ns, t_next, x.ndim), state, order=o, last=k == n - 1)
-        t = t_next
-        times.append(t)
-    return x, torch.stack(times, 1)
 
 
 class PredictorSampler:
     """What a predictor's users call: ``(x_T, labels) -> (x0, per-sample times)``."""
 
-    def __init__(self, predictor: nn.Module, source: ModelSource, solver: str, order: int | None,
+    def __init__(self, predictor: Predictor, source: ModelSource, solver: str, order: int | None,
                  space: str = "lambda") -> None:
         self.predictor, self.source, self.solver, self.order, self.space = predictor, source, solver, order, space
 
@@ -174,38 +216,7 @@ class PredictorSampler:
                                      space=self.space)
 
     def __call__(self, x_T: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        model_fn = self.source.model_fn_for(labels)
-        if isinstance(self.predictor, DeltaPredictor):
-            return delta_sample(self.predictor, model_fn, self.source.noise_schedule, x_T, self.solver,
-                                self.order, labels)
-        ts = self.timesteps(x_T, labels)
-        return sample(model_fn, self.source.noise_schedule, x_T, ts, self.solver, order=self.order), ts
-
-
-def _regression_loss(sampler: PredictorSampler, x_T: Tensor, labels, target_ts: Tensor) -> Tensor:
-    """Mean squared error in lambda between predicted and oracle schedules, per sample."""
-    ns = sampler.source.noise_schedule
-    if isinstance(sampler.predictor, DeltaPredictor):
-        # Teacher forcing: walk the oracle schedule; at each step, the fraction it took.
-        pred, state = [], SolverState()
-        model_fn = sampler.source.model_fn_for(labels)
-        step, x = get_step_fn(sampler.solver), x_T
-        lam = ns.marginal_lambda(target_ts)
-        n = target_ts.shape[1] - 1
-        for k, o in enumerate(step_orders(sampler.solver, n, sampler.order)):
-            c = coeffs(ns, target_ts[:, k], x.ndim)
-            if k < n - 1:
-                f = sampler.predictor.fraction(x, c.alpha.reshape(-1), c.sigma.reshape(-1), k, labels)
-                goal = (lam[:, k + 1] - lam[:, k]) / (lam[:, -1] - lam[:, k])
-                pred.append((f - goal) ** 2)
-            with torch.no_grad():
-                x, state = step(model_fn, x, c, coeffs(ns, target_ts[:, k + 1], x.ndim), state, order=o,
-                                last=k == n - 1)
-        return torch.stack(pred, 1).mean(1) if pred else torch.zeros(len(x_T), dtype=x_T.dtype)
-    lam_p = ns.marginal_lambda(sampler.timesteps(x_T, labels))
-    lam_t = ns.marginal_lambda(target_ts)
-    span = (lam_t[:, -1] - lam_t[:, 0]).abs()[:, None]
-    return (((lam_p - lam_t) / span) ** 2).mean(1)
+        return self.predictor.sample_with(self, x_T, labels)
 
 
 def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: TeacherData, solver: str, steps: int,
@@ -261,7 +272,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
             for idx in torch.randperm(len(train.latents), generator=g).split(batch_size):
                 labels = None if train.labels is None else train.labels[idx]
                 if objective == "regression":
-                    per = _regression_loss(sampler, train.latents[idx], labels, oracle_train[idx])
+                    per = net.regression_loss(sampler, train.latents[idx], labels, oracle_train[idx])
                 else:
                     out, _ = sampler(train.latents[idx], labels)
                     per = loss_fn(out, train.targets[idx])

@@ -74,32 +74,15 @@ from torch import Tensor
 from ..discretize import KINDS, check_time_range, get_timesteps
 from ..noise import NoiseSchedule
 from ..params import ratio_cond_timesteps
-from ..solvers.sampling import get_step_fn, solver_spec, step_orders
-from ..solvers.steps import Coeffs, SolverState, grid_coeffs
+from ..solvers import BoundSolver, Coeffs, ModelFn, SolverState, bind_solver, solver_spec
+from ..solvers.steps import grid_coeffs
 from ..options import Option, declare
 from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]
 STRATEGIES = ("sequential", "parallel")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _index_state(state: SolverState, idx: Tensor | slice) -> SolverState:
-    """The rows ``idx`` of a solver state (model outputs and a pending output are per
-    sample; the lambdas are shared by the batch, [1, 1, ...])."""
-    return SolverState(state.lams, tuple(o[idx] for o in state.outputs),
-                       None if state.pending is None else state.pending[idx])
-
-
-def _cat_states(states: list[SolverState]) -> SolverState:
-    """Concatenate the per-sample parts of chunk states along the batch."""
-    first = states[0]
-    outputs = tuple(torch.cat([s.outputs[k] for s in states]) for k in range(len(first.outputs)))
-    pending = None if first.pending is None else torch.cat([s.pending for s in states])
-    return SolverState(first.lams, outputs, pending)
-
 
 def _finite(value: Tensor, step: int, what: str, last_good: Tensor) -> float:
     """``check_finite``; a ``FitDiverged`` carries ``last_good``, the step's last ratio whose
@@ -117,41 +100,41 @@ def _sq_dist(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Problem:
-    """The fixed parts of one fit: model, step function, schedule grid and orders."""
+    """The fixed parts of one fit: the bound solver, the schedule ts [N+1] with its grid, and
+    the chunk size of pool-wide passes."""
 
-    def __init__(self, model_fn: ModelFn, step: Callable, ts: Tensor, grid: list[Coeffs],
-                 orders: list[int], chunk: int) -> None:
-        self.model_fn, self.step, self.ts, self.grid, self.orders = model_fn, step, ts, grid, orders
-        self.steps = len(ts) - 1
-        self.chunk = chunk
+    def __init__(self, run: BoundSolver, ts: Tensor, grid: list[Coeffs], chunk: int) -> None:
+        self.run, self.ts, self.grid, self.chunk = run, ts, grid, chunk
 
-    def run_step(self, i: int, x: Tensor, state: SolverState, cond_t: Tensor | None,
-                 cond_next: Tensor | None, last: bool | None = None,
-                 order: int | None = None) -> tuple[Tensor, SolverState]:
-        last = i == self.steps - 1 if last is None else last
-        order = self.orders[i] if order is None else order
-        return self.step(self.model_fn, x, self.grid[i], self.grid[i + 1], state, order=order,
-                         cond_t=cond_t, cond_next=cond_next, last=last)
+    def run_step(self, i: int, x: Tensor, state: SolverState, cond_t: Tensor | None, cond_next: Tensor | None,
+                 order: int | None = None, last: bool | None = None) -> tuple[Tensor, SolverState]:
+        """Step i of the schedule (``BoundSolver.step``)."""
+        return self.run.step(i, x, self.grid[i], self.grid[i + 1], state, cond_t, cond_next, order=order, last=last)
 
     @torch.no_grad()
-    def advance(self, i: int, x: Tensor, state: SolverState, cond: Tensor) -> tuple[Tensor, SolverState]:
-        """Step i over the whole pool, in chunks, with conditioning times ``cond`` [N+1]."""
-        outs = [self.run_step(i, xc, _index_state(state, slice(k, k + len(xc))), cond[i:i + 1], cond[i + 1:i + 2])
+    def chunked(self, i: int, x: Tensor, state: SolverState, cond_t: Tensor | None, cond_next: Tensor | None,
+                order: int | None = None, last: bool | None = None) -> tuple[Tensor, SolverState]:
+        """``run_step`` over the whole pool, in chunks."""
+        outs = [self.run_step(i, xc, state.take(slice(k, k + len(xc))), cond_t, cond_next, order, last)
                 for k, xc in zip(range(0, len(x), self.chunk), x.split(self.chunk))]
-        return torch.cat([o[0] for o in outs]), _cat_states([o[1] for o in outs])
+        return torch.cat([o[0] for o in outs]), SolverState.cat([o[1] for o in outs])
+
+    def advance(self, i: int, x: Tensor, state: SolverState, cond: Tensor) -> tuple[Tensor, SolverState]:
+        """Step i over the whole pool, with conditioning times ``cond`` [N+1]."""
+        return self.chunked(i, x, state, cond[i:i + 1], cond[i + 1:i + 2])
 
     @torch.no_grad()
     def eps(self, x: Tensor, i: int) -> Tensor:
         """The untuned network output eps(x, t_i) over the pool, in chunks."""
         t = self.ts[i:i + 1]
-        return torch.cat([self.model_fn(xc, t) for xc in x.split(self.chunk)])
+        return torch.cat([self.run.model_fn(xc, t) for xc in x.split(self.chunk)])
 
     def depends_on_next(self, i: int, x: Tensor, state: SolverState, cond: Tensor) -> bool:
         """Whether step i's output depends on the time its network sees at t_{i+1} (UniPC's
         corrector, Heun's second stage): asked of autograd on one sample."""
         probe = cond[i + 1:i + 2].detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            out, _ = self.run_step(i, x[:1], _index_state(state, slice(0, 1)), cond[i:i + 1], probe)
+            out, _ = self.run_step(i, x[:1], state.take(slice(0, 1)), cond[i:i + 1], probe)
         return out.requires_grad
 
 
@@ -221,11 +204,10 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
     ``.result``) on a non-finite loss.
     """
     _, order = solver_spec(solver, order)
-    step = get_step_fn(solver, variant=variant)
     _check_inputs(noise_schedule, data, timesteps, strategy, iterations, lr, batch_size, pool_size, ratio_range)
     started = time.perf_counter()
     steps = len(timesteps) - 1
-    orders = step_orders(solver, steps, order, lower_order_final)
+    run = bind_solver(model_fn, noise_schedule, solver, steps, order, lower_order_final, variant=variant)
     gen = torch.Generator().manual_seed(int(seed))
 
     # The pool of (x0, eps) pairs: every datum in turn, in a seeded order, fresh noise each.
@@ -238,7 +220,7 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
     noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
     ts = timesteps.detach().to(device=x0.device, dtype=x0.dtype)
     grid = grid_coeffs(noise_schedule, ts[None], x0.ndim)
-    prob = _Problem(model_fn, step, ts, grid, orders, chunk=max(batch_size, 256))
+    prob = _Problem(run, ts, grid, chunk=max(batch_size, 256))
     bounds = _ratio_bounds(noise_schedule, ts, ratio_range)
 
     ratios = torch.ones(steps, dtype=x0.dtype, device=x0.device)
@@ -300,11 +282,8 @@ def _forward_with_history(prob: _Problem, noise_schedule: NoiseSchedule, x0: Ten
 
     state = SolverState()
     with torch.no_grad():
-        for j in range(max(0, i - prob.orders[i] + 1), i):
-            outs = [prob.run_step(j, xc, _index_state(state, slice(k, k + len(xc))), None, None,
-                                  last=True, order=1)
-                    for k, xc in zip(range(0, len(x0), prob.chunk), forward(j).split(prob.chunk))]
-            state = _cat_states([o[1] for o in outs])._replace(pending=None)
+        for j in range(max(0, i - prob.run.orders[i] + 1), i):
+            state = prob.chunked(j, forward(j), state, None, None, last=True, order=1)[1]._replace(pending=None)
     return forward(i), state
 
 
@@ -321,17 +300,17 @@ def _fit_ratio(prob: _Problem, i: int, x_i: Tensor, state_i: SolverState, target
     last_good = r.detach().clone()
     for it in range(iterations):
         idx = torch.randint(len(x_i), (min(batch_size, len(x_i)),), generator=gen).to(x_i.device)
-        xb, sb = x_i[idx], _index_state(state_i, idx)
+        xb, sb = x_i[idx], state_i.take(idx)
         s_i = (r * ts[i]).reshape(1)
         if window:
             prev_cond = (ratios[i - 1] * ts[i - 1]).reshape(1)
             xb, sb = prob.run_step(i - 1, xb, sb, prev_cond, s_i)
             with torch.no_grad():
-                eps_t = prob.model_fn(xb.detach(), ts[i:i + 1])
+                eps_t = prob.run.model_fn(xb.detach(), ts[i:i + 1])
         else:
             eps_t = target[idx]
         x_next, _ = prob.run_step(i, xb, sb, s_i, ts[i + 1:i + 2])
-        loss = _sq_dist(eps_t, prob.model_fn(x_next, ts[i + 1:i + 2]))
+        loss = _sq_dist(eps_t, prob.run.model_fn(x_next, ts[i + 1:i + 2]))
         value = _finite(loss.detach(), i, f"timetuner loss (iteration {it})", last_good)
         grad = torch.autograd.grad(loss, [r], allow_unused=True)[0] if loss.requires_grad else None
         if grad is None:

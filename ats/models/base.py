@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from ..noise import NoiseSchedule
-
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+from ..tensors import ModelFn
 
 
 @dataclass

@@ -20,14 +20,10 @@ import torch
 from torch import Tensor
 
 from ..noise import NoiseSchedule, NoiseScheduleVP
+from ..tensors import expand_dims
 
 MODEL_TYPES = ("noise", "x_start", "v", "score", "edm")
 GUIDANCE_TYPES = ("uncond", "classifier", "classifier-free")
-
-
-def expand_dims(v: Tensor, dims: int) -> Tensor:
-    """[B] -> [B, 1, ..., 1] with ``dims`` dimensions in all."""
-    return v.reshape(v.shape + (1,) * (dims - v.ndim))
 
 
 def _batch_cat(a: Any, b: Any) -> Any:

@@ -1,8 +1,11 @@
 """Solvers for the probability-flow ODE, one ``sample()`` entry and one step function each."""
-from .sampling import SOLVERS, VARIANTS, get_step_fn, nfe, sample, solver_spec, step_orders, steps_for_nfe
-from .steps import (Coeffs, SolverState, coeffs, ddim_step, dpm_solver_pp_step, euler_step, heun_step, ipndm_step,
-                    uni_pc_step)
+from .loop import BoundSolver, NextTime, Step
+from .sampling import (SOLVERS, VARIANTS, SolverSpec, bind_solver, get_step_fn, nfe, sample, solver_spec, step_orders,
+                       steps_for_nfe)
+from .steps import (Coeffs, ModelFn, SolverState, StepFn, coeffs, ddim_step, dpm_solver_pp_step, euler_step, heun_step,
+                    ipndm_step, uni_pc_step)
 
 __all__ = ["sample", "nfe", "steps_for_nfe", "step_orders", "get_step_fn", "solver_spec", "SOLVERS", "VARIANTS",
+           "SolverSpec", "bind_solver", "BoundSolver", "Step", "NextTime", "ModelFn", "StepFn",
            "Coeffs", "coeffs", "SolverState", "ddim_step", "euler_step", "heun_step", "dpm_solver_pp_step",
            "uni_pc_step", "ipndm_step"]

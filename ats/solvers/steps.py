@@ -1,6 +1,6 @@
 """One step of each solver: x at time t -> x at time t_next.
 
-Every step function has the signature
+Every step function has the signature (``StepFn``)
 
     step(model_fn, x, c, c_next, state, *, order, cond_t, cond_next, last) -> (x_next, state)
 
@@ -16,15 +16,15 @@ h = lambda_n - lambda; the EDM variables are y = x / alpha and sigma_bar = sigma
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
-from ..models.wrapper import expand_dims
 from ..noise import NoiseSchedule
+from ..tensors import ModelFn, expand_dims
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 HISTORY = 4  # longest history any solver needs (iPNDM-4)
 
 
@@ -60,6 +60,29 @@ class SolverState(NamedTuple):
     def push(self, lam: Tensor, out: Tensor) -> "SolverState":
         return SolverState(self.lams[-HISTORY + 1:] + (lam,), self.outputs[-HISTORY + 1:] + (out,))
 
+    def take(self, idx: Tensor | slice) -> "SolverState":
+        """The rows ``idx`` of the batch: the outputs and a pending output are per sample;
+        the lambdas are kept as they are (shared by the batch, [1, 1, ...])."""
+        return SolverState(self.lams, tuple(o[idx] for o in self.outputs),
+                           None if self.pending is None else self.pending[idx])
+
+    @staticmethod
+    def cat(states: Sequence["SolverState"]) -> "SolverState":
+        """The states of consecutive chunks of one batch joined along the batch (lambdas of
+        the first)."""
+        first = states[0]
+        outputs = tuple(torch.cat([s.outputs[k] for s in states]) for k in range(len(first.outputs)))
+        pending = None if first.pending is None else torch.cat([s.pending for s in states])
+        return SolverState(first.lams, outputs, pending)
+
+
+class StepFn(Protocol):
+    """One step of a solver (see the module doc): x at c.t -> (x at c_next.t, state)."""
+
+    def __call__(self, model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = ..., *,
+                 order: int = ..., cond_t: Tensor | None = ..., cond_next: Tensor | None = ...,
+                 last: bool = ...) -> tuple[Tensor, SolverState]: ...
+
 
 def data_prediction(model_fn: ModelFn, x: Tensor, cond_t: Tensor | None, c: Coeffs) -> Tensor:
     """x0 = (x - sigma_t * eps) / alpha_t, with eps from the network at cond_t (default t)."""
@@ -81,7 +104,7 @@ def weighted_sum(weights: Tensor, terms: Tensor) -> Tensor:
     return (expand_dims(weights, terms.ndim) * terms).sum(1)
 
 
-def per_sample_noise(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+def per_sample_noise(x: Tensor, generator: Generators) -> Tensor:
     """Standard normal noise like x; with a list of generators, sample i uses generator i."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -91,8 +114,9 @@ def per_sample_noise(x: Tensor, generator: torch.Generator | Sequence[torch.Gene
                         for g in generator])
 
 
-def ddim_step(model_fn, x, c, cn, state=SolverState(), *, order=1, cond_t=None, cond_next=None,
-              last=False, eta: float = 0., generator=None):
+def ddim_step(model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = SolverState(), *,
+              order: int = 1, cond_t: Tensor | None = None, cond_next: Tensor | None = None,
+              last: bool = False, eta: float = 0., generator: Generators = None) -> tuple[Tensor, SolverState]:
     """DDIM (Song et al., 2021): x_n = alpha_n x0 + sqrt(sigma_n^2 - s^2) eps + s z with
     s = eta sigma_n / sigma sqrt(sigma^2 - sigma_n^2 alpha^2 / alpha_n^2), which is DDIM's
     sigma on VP schedules and k-diffusion's ancestral sigma_up on EDM ones. eta = 0 is
@@ -107,15 +131,17 @@ def ddim_step(model_fn, x, c, cn, state=SolverState(), *, order=1, cond_t=None, 
     return x_next, state
 
 
-def euler_step(model_fn, x, c, cn, state=SolverState(), *, order=1, cond_t=None, cond_next=None,
-               last=False):
+def euler_step(model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = SolverState(), *,
+               order: int = 1, cond_t: Tensor | None = None, cond_next: Tensor | None = None,
+               last: bool = False) -> tuple[Tensor, SolverState]:
     """Euler on the probability-flow ODE in EDM's variables (k-diffusion's sample_euler):
     y_n = y + (sigma_bar_n - sigma_bar) eps. Equal to DDIM(eta=0) in exact arithmetic."""
     return sigma_bar_update(x, model_fn(x, c.t if cond_t is None else cond_t), c, cn), state
 
 
-def heun_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond_t=None, cond_next=None,
-              last=False):
+def heun_step(model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = SolverState(), *,
+              order: int = 2, cond_t: Tensor | None = None, cond_next: Tensor | None = None,
+              last: bool = False) -> tuple[Tensor, SolverState]:
     """EDM's second-order Heun step (Karras et al., 2022, Alg. 1) in y, sigma_bar; the last
     step is Euler, so N steps cost 2N - 1 network calls."""
     d = model_fn(x, c.t if cond_t is None else cond_t)
@@ -126,8 +152,9 @@ def heun_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond_t=None, 
     return sigma_bar_update(x, (d + d_next) / 2, c, cn), state
 
 
-def dpm_solver_pp_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond_t=None,
-                       cond_next=None, last=False):
+def dpm_solver_pp_step(model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = SolverState(), *,
+                       order: int = 2, cond_t: Tensor | None = None, cond_next: Tensor | None = None,
+                       last: bool = False) -> tuple[Tensor, SolverState]:
     """Multistep DPM-Solver++ (Lu et al., 2022), data prediction, order 1-3, with
     per-sample step ratios r_k = h_k / h (the 'dpmsolver' second-order form)."""
     _check_history(state, order, "dpm_solver++")
@@ -152,8 +179,9 @@ def dpm_solver_pp_step(model_fn, x, c, cn, state=SolverState(), *, order=2, cond
     return x_next + cn.alpha * phi_2 * d1 - cn.alpha * phi_3 * d2, state
 
 
-def uni_pc_step(model_fn, x, c, cn, state=SolverState(), *, order=3, cond_t=None, cond_next=None,
-                last=False, variant: str = "bh1"):
+def uni_pc_step(model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = SolverState(), *,
+                order: int = 3, cond_t: Tensor | None = None, cond_next: Tensor | None = None,
+                last: bool = False, variant: str = "bh1") -> tuple[Tensor, SolverState]:
     """UniPC multistep (Zhao et al., 2023), data prediction, B(h) = h ('bh1') or
     e^h - 1 ('bh2'). UniP-p predicts x_next from the last p outputs; unless ``last``, the
     network is called at the prediction (the call the next step needs anyway) and UniC
@@ -195,8 +223,9 @@ def uni_pc_step(model_fn, x, c, cn, state=SolverState(), *, order=3, cond_t=None
 IPNDM_COEFFS = ((1.,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
-def ipndm_step(model_fn, x, c, cn, state=SolverState(), *, order=4, cond_t=None, cond_next=None,
-               last=False):
+def ipndm_step(model_fn: ModelFn, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState = SolverState(), *,
+               order: int = 4, cond_t: Tensor | None = None, cond_next: Tensor | None = None,
+               last: bool = False) -> tuple[Tensor, SolverState]:
     """Improved PNDM (Zhang & Chen, 2023, as used by GITS): Adams-Bashforth with the fixed
     coefficients of order 1-4 on eps, in y = x / alpha and sigma_bar."""
     _check_history(state, order, "ipndm")

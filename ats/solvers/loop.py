@@ -1,0 +1,58 @@
+"""The one solver loop: a step function bound to a network, walked over a discretization."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+from torch import Tensor
+
+from ..noise import NoiseSchedule
+from .steps import Coeffs, ModelFn, SolverState, StepFn, coeffs
+
+NextTime = Callable[[int, Tensor, Coeffs], Tensor]
+"""``next_time(i, x_i, c_i) -> t_{i+1}``: picks the end of step i from x at t_i = c_i.t ([b] or [1])."""
+
+
+class Step(NamedTuple):
+    """The loop after step i: x at time ``c.t`` (coefficients ``c``) and the solver state."""
+    i: int
+    x: Tensor
+    c: Coeffs
+    state: SolverState
+
+
+@dataclass(frozen=True)
+class BoundSolver:
+    """A step function bound to a network, its noise schedule and the order of each of the
+    N = len(orders) steps (``step_orders``)."""
+    step_fn: StepFn
+    model_fn: ModelFn
+    noise_schedule: NoiseSchedule
+    orders: Sequence[int]
+
+    @property
+    def steps(self) -> int:
+        return len(self.orders)
+
+    def step(self, i: int, x: Tensor, c: Coeffs, cn: Coeffs, state: SolverState, cond_t: Tensor | None = None,
+             cond_next: Tensor | None = None, *, order: int | None = None,
+             last: bool | None = None) -> tuple[Tensor, SolverState]:
+        """Step i, x at c.t -> x at cn.t, at order ``orders[i]`` and ``last`` on step N-1
+        unless given."""
+        return self.step_fn(self.model_fn, x, c, cn, state, order=self.orders[i] if order is None else order,
+                            cond_t=cond_t, cond_next=cond_next, last=i == self.steps - 1 if last is None else last)
+
+    def iter_steps(self, x: Tensor, grid: Sequence[Coeffs], cond: Tensor | None = None,
+                   next_time: NextTime | None = None, state: SolverState = SolverState()) -> Iterator[Step]:
+        """x_{i+1} = step_i(x_i; c_i -> c_{i+1}) for i = 0 .. N-1, yielding each ``Step``.
+
+        ``grid``: the coefficients c_0 .. c_N; with ``next_time`` only c_0 is read and
+        c_{i+1} = coeffs(t_{i+1} = next_time(i, x_i, c_i)). ``cond``: [b, N+1] times the
+        network sees (None: the solver's)."""
+        conds = [None] * (self.steps + 1) if cond is None else cond.unbind(1)
+        c = grid[0]
+        for i in range(self.steps):
+            cn = grid[i + 1] if next_time is None else coeffs(self.noise_schedule, next_time(i, x, c), x.ndim)
+            x, state = self.step(i, x, c, cn, state, conds[i], conds[i + 1])
+            yield Step(i, x, cn, state)
+            c = cn

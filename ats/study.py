@@ -9,6 +9,7 @@ documented in ``studies/README.md``.
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,8 +205,9 @@ def load_study(path: str | Path) -> Study:
 
 
 def study_path(dataset: str) -> Path:
-    """The shipped study of ``dataset``: ``studies/<dataset>.yaml`` in the repository."""
-    path = Path(__file__).resolve().parent.parent / "studies" / f"{dataset}.yaml"
+    """The shipped study of ``dataset``: ``<dataset>.yaml`` of the package data ``ats.studies``
+    (the repository's ``studies/`` folder, installed with the package)."""
+    path = Path(str(importlib.resources.files("ats.studies") / f"{dataset}.yaml"))
     if not path.is_file():
         raise StudyError(f"{path}: no shipped study for dataset {dataset!r} (shipped: "
                          f"{', '.join(DATASETS)}); write one (see studies/README.md) and pass it with --study FILE")

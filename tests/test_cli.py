@@ -1,6 +1,6 @@
 from click.testing import CliRunner
 
-from cli import main
+from ats.cli import main
 
 
 def table_rows(output: str) -> dict[tuple[str, int], list[float]]:

@@ -15,7 +15,7 @@ from PIL import Image
 from ats.compare import evaluate_table
 from ats.models.sources import load_source
 from ats.teacher import split_seeds
-from cli import main
+from ats.cli import main
 from test_search import ats, tiny_study
 
 N_EVAL = 64   # the study's evaluation seeds; `ats evaluate` starts after them

@@ -32,7 +32,7 @@ from ats.models.digits import load_digits_unet
 from ats.models.sources import load_source
 from ats.noise import EDMSchedule
 from ats.solvers import sample
-from cli import main
+from ats.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 

@@ -6,7 +6,7 @@ from ats.methods import METHODS, SEARCHABLE, FitContext, Method, OptionError, pa
 from ats.methods.ld3 import fit_ld3
 from ats.models.sources import DATASETS
 from ats.options import Option, declare, parse_options
-from cli import main, model_options
+from ats.cli import main, model_options
 
 
 def test_every_method_declares_its_options_from_its_fit_function():

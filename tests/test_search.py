@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port
 
-ATS = [sys.executable, "-c", "import cli; cli.main()"]
+ATS = [sys.executable, "-m", "ats.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -51,11 +51,7 @@ onto [lo_i, hi_i], the intersection of ``ratio_range`` with the schedule's valid
 (t_min <= r_i t_i <= t_max; on VP schedules r_0 <= 1 when t_0 = T), so every conditioning
 time is valid. DDIM is fitted deterministic (eta = 0), as ``sample`` runs it by default.
 
-Measured on the digits model (2000 evaluation samples, 200 iterations of batch 64): DDIM at
-NFE 10 improves by 11-16 % in FID on time_uniform and logSNR, both strategies. At NFE 5 the
-sequential fit also improves DPM-Solver++ and UniPC; at NFE 10, where they are already close
-to the model's floor, it does not (neutral to worse), as the loss measures the first-order
-(constant direction) error of a step.
+Measured quality: ``docs/quality.md`` and ``bench/results/``.
 
 Divergence: a NaN/inf loss raises ``FitDiverged`` naming the step and iteration; the
 exception's ``result`` attribute is a ``FitResult`` with the ratios so far (steps already

@@ -271,6 +271,32 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
         click.echo(f"grid: {save_image_grid(data.targets[:64], grid)}")
 
 
+def check_out_folder(out: Path) -> None:
+    """Before a fit: ``--out`` is a folder that holds no result yet (a finished result is never
+    overwritten) and can be created or written."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} is a file, not a folder; choose another folder", param_hint="--out")
+    old = [name for name in ("result.pt", "schedule.json") if (out / name).exists()]
+    if old:
+        raise click.BadParameter(f"{out} already holds a result ({', '.join(old)}); choose another folder or "
+                                 f"delete {out}", param_hint="--out")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot create or write {out}: {existing} is not a writable folder; choose "
+                                 "another folder", param_hint="--out")
+
+
+def interrupted_note(method: str, result, path: Path) -> str:
+    """What ``ats fit`` saved when Ctrl-C stopped it: the method's best state, or for a method
+    that starts from LD3 and was stopped there, LD3's."""
+    if result.info.get("interrupted_in") == "ld3_start":
+        return (f"interrupted while fitting the starting LD3 schedule of {method}: LD3's best state saved to {path} "
+                f"(an ld3 schedule; rerun to fit {method})")
+    return f"interrupted: the best state of {method} so far saved to {path}"
+
+
 @main.command()
 @click.option("--method", required=True, type=click.Choice(tuple(METHODS)), help="What to fit (README: Methods).")
 @dataset_options(default="digits")
@@ -315,6 +341,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     except OptionError as e:
         raise click.BadParameter(f"{e} (method {method})", param_hint="--option")
     out = out or Path("runs") / f"{method}-{source.name}-{solver}-nfe{nfe}"
+    check_out_folder(out)
     console = report_console()
     teacher = TeacherConfig(teacher_solver, teacher_nfe, teacher_discretization)
     try:
@@ -324,6 +351,10 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
                               f"loss {loss:.4g}")
             result = fit_method(method, source, solver, nfe, order, n_train, n_valid, teacher, cache, seed, options,
                                 progress=progress)
+    except KeyboardInterrupt:
+        console.print(f"interrupted before {method} had a state to save: nothing saved (teacher targets computed "
+                      f"so far stay cached in {cache})")
+        raise SystemExit(130)
     except FitDiverged as e:
         if getattr(e, "result", None) is not None:
             save_result(e.result, out / "result.pt")
@@ -335,8 +366,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     if result.timesteps is not None:
         save_schedule_json(result, out / "schedule.json")
     if result.info.get("interrupted"):
-        console.print(f"interrupted: the best state so far is saved to {out}")
-        return
+        console.print(interrupted_note(method, result, out / "result.pt"))
+        raise SystemExit(130)
     from ats.evaluate import evaluate_result
     from ats.report import verdict, write_json
     table, rows = evaluate_result(source, result, n_eval, teacher, cache)

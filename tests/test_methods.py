@@ -141,3 +141,16 @@ def test_auto_width_follows_the_input_and_saved_predictors_reload(setup, tmp_pat
     torch.testing.assert_close(load_predictor(saved)(x), image(x))
     with pytest.raises(ValueError, match="unknown predictor class"):
         load_predictor({"class": "Tree", "config": {}, "state_dict": {}})
+
+
+@pytest.mark.parametrize("method", ["oneshot", "delta", "oracle"])
+def test_ctrl_c_in_the_starting_ld3_fit_returns_ld3s_best_state(tmp_path, method):
+    from ats.methods import fit_method
+
+    def stop(phase, step, loss):
+        if phase == "ld3" and step == 2:
+            raise KeyboardInterrupt
+    res = fit_method(method, gmm_source(dim=2), "uni_pc", 4, n_train=8, n_valid=8, cache=tmp_path, progress=stop,
+                     options={"ld3": {"epochs": 50}})
+    assert res.method == "ld3" and res.info["interrupted"] and res.info["interrupted_in"] == "ld3_start"
+    assert res.info["epochs"] == 2 and (res.timesteps.diff() < 0).all()

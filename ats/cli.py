@@ -502,10 +502,15 @@ def _fit_options(f):
                 result = load_result(run_id, tracking_uri)
             except TrackingError as e:
                 raise click.ClickException(str(e))
+            except ValueError as e:
+                raise click.ClickException(f"run {run_id}: its result artifact is unusable: {e}")
             source = study.source()
+        else:
+            try:
+                result = load_schedule_file(schedule)   # its errors name the file
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--schedule")
         try:
-            if schedule is not None:
-                result = load_schedule_file(schedule)
             check_fits(source, result)
         except (ValueError, KeyError, RuntimeError) as e:
             raise click.UsageError(f"{schedule or run_id}: {e}")
@@ -531,7 +536,7 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     from ats.report import console as report_console
     from rich.progress import Progress
 
-    from ats.evaluate import compare_on_eval, run_metrics
+    from ats.evaluate import baseline_problem, check_baselines, compare_on_eval, run_metrics
     from ats.report import rich_table, verdict, write_json
     from ats.teacher import TeacherConfig
 
@@ -543,6 +548,14 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     n_samples = n_samples or (study.n_eval if study else EVAL_SAMPLES)
     names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
     console = report_console()
+    if baselines:
+        try:
+            check_baselines(source, result, names)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--baselines")
+    for name in [b for b in names if baseline_problem(source, result, b)]:
+        console.print(f"baseline {name} left out: {baseline_problem(source, result, name)}")
+        names.remove(name)
     with Progress(console=console, transient=True) as bar:
         tasks = {"teacher": bar.add_task("teacher targets (L2 column)", total=min(n_samples, L2_SAMPLES)),
                  "sampling": bar.add_task(f"sampling {n_samples} per schedule", total=len(names) + 1)}
@@ -579,9 +592,10 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
 def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples, out, seed, label,
                    baselines) -> None:
     """Samples of a run's (or a file's) schedule or predictor: an image grid, or for gmm a scatter plot."""
-    from ats.evaluate import draw, sample_labels, sample_seeds, save_samples
+    from ats.evaluate import check_baselines, draw, sample_labels, sample_seeds, save_samples
 
     try:
+        check_baselines(source, result, baselines)
         seeds = sample_seeds(result, n_samples, seed)
         samples = draw(source, result, seeds, sample_labels(source, result, seeds, label), baselines,
                        study.n_train if study else 50, cache)

@@ -9,7 +9,7 @@ import click
 from ats.discretize import FIXED, KINDS
 from ats.evaluate import EVAL_SAMPLES, L2_SAMPLES
 from ats.methods import METHODS
-from ats.teacher import DEFAULT_CACHE
+from ats.teacher import DEFAULT_CACHE, SPLIT_SIZE
 from ats.models.sources import DATASETS
 from ats.solvers import SOLVERS
 from ats.study import BASELINES, SAMPLERS
@@ -128,7 +128,7 @@ def main() -> None:
               callback=_choice_list(KINDS), help="Comma-separated fixed discretizations.")
 @click.option("--metric", type=click.Choice(["l2", "fid"]), default="l2", show_default=True,
               help="l2: mean distance to a 1000-step reference from the same noise; fid: the dataset's FID.")
-@click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2),
+@click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2, SPLIT_SIZE),
               help="Number of samples (evaluation seeds).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="First evaluation sample.")
 @json_option("one object per row (value, 95 % interval, n; for FID the paired change against the best "
@@ -240,7 +240,7 @@ def train_model(dataset, classifier, steps, seed, out) -> None:
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
 @click.option("--nfe", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--discretization", default="edm", show_default=True, type=click.Choice(KINDS))
-@click.option("--n", "n_samples", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--n", "n_samples", default=1000, show_default=True, type=click.IntRange(1, SPLIT_SIZE))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
               help="First sample of the split (sample i has its own seed).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "valid", "eval"]))
@@ -303,9 +303,11 @@ def interrupted_note(method: str, result, path: Path) -> str:
 @click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
 @click.option("--nfe", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--n-train", default=50, show_default=True, type=click.IntRange(1), help="Training samples (seeds).")
-@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1), help="Validation samples.")
-@click.option("--n-eval", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2),
+@click.option("--n-train", default=50, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+              help="Training samples (seeds).")
+@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+              help="Validation samples.")
+@click.option("--n-eval", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2, SPLIT_SIZE),
               help="Evaluation samples for the closing comparison (fresh seeds).")
 @click.option("--teacher-solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--teacher-nfe", default=20, show_default=True, type=click.IntRange(1))
@@ -521,7 +523,7 @@ def _fit_options(f):
 
 @main.command()
 @_fit_options
-@click.option("--n", "n_samples", default=None, type=click.IntRange(2),
+@click.option("--n", "n_samples", default=None, type=click.IntRange(2, SPLIT_SIZE),
               help=f"Evaluation samples (fresh seeds); default: the study's n_eval (--run), {EVAL_SAMPLES} "
                    "(--schedule). The FID interval narrows like 1/sqrt(n).")
 @click.option("--start", default=None, type=click.IntRange(0),
@@ -580,7 +582,8 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
 
 @main.command("sample")
 @_fit_options
-@click.option("--n", "n_samples", default=64, show_default=True, type=click.IntRange(1), help="Number of samples.")
+@click.option("--n", "n_samples", default=64, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+              help="Number of samples.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
               show_default=True, help="The PNG to write.")
 @click.option("--seed", default=None, type=click.IntRange(0),

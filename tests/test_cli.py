@@ -203,3 +203,14 @@ def test_sigint_during_the_starting_ld3_fit_saves_ld3s_best_state(tmp_path):
     from ats.methods import load_result
     saved = load_result(out / "result.pt")
     assert saved.method == "ld3" and saved.info["interrupted"] and (saved.timesteps.diff() < 0).all()
+
+
+def test_sample_counts_beyond_a_split_are_refused(tmp_path):
+    cache = ["--cache", str(tmp_path / "c")]
+    for command in (["fit", "--method", "ld3", "--dataset", "gmm", "--n-eval", "10000001", *cache],
+                    ["teacher", "--dataset", "gmm", "--n", "10000001", *cache],
+                    ["compare", "--dataset", "gmm", "--n", "10000001"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and "10000001 is not in the range" in result.output, result.output
+        assert "<=x<=10000000" in result.output
+    assert not (tmp_path / "c").exists()

@@ -194,10 +194,10 @@ def test_sigint_during_the_starting_ld3_fit_saves_ld3s_best_state(tmp_path):
     deadline = time.time() + 50
     while time.time() < deadline and len(list(cache.rglob("block-*.pt"))) < 2:   # train and valid targets
         time.sleep(0.05)
-    time.sleep(2)   # into LD3's epochs
+    time.sleep(8)   # into LD3's epochs (its setup takes a moment on a loaded machine)
     proc.send_signal(signal.SIGINT)
     output = " ".join(proc.communicate(timeout=60)[0].split())
-    assert proc.returncode == 130, output
+    assert proc.returncode in (130, -signal.SIGINT), output   # CPython may re-raise SIGINT at exit
     assert (f"interrupted while fitting the starting LD3 schedule of oneshot: LD3's best state saved to "
             f"{out / 'result.pt'}") in output
     from ats.methods import load_result

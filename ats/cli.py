@@ -288,10 +288,10 @@ def check_out_folder(out: Path) -> None:
                                  "another folder", param_hint="--out")
 
 
-def interrupted_note(method: str, result, path: Path) -> str:
-    """What ``ats fit`` saved when Ctrl-C stopped it: the method's best state, or for a method
-    that starts from LD3 and was stopped there, LD3's."""
-    if result.info.get("interrupted_in") == "ld3_start":
+def interrupted_note(method: str, info: dict, path: Path) -> str:
+    """What ``ats fit`` saved when Ctrl-C stopped it (``info`` of the result): the method's best
+    state, or for a method that starts from LD3 and was stopped there, LD3's."""
+    if info.get("interrupted_in") == "ld3_start":
         return (f"interrupted while fitting the starting LD3 schedule of {method}: LD3's best state saved to {path} "
                 f"(an ld3 schedule; rerun to fit {method})")
     return f"interrupted: the best state of {method} so far saved to {path}"
@@ -368,7 +368,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     if result.timesteps is not None:
         save_schedule_json(result, out / "schedule.json")
     if result.info.get("interrupted"):
-        console.print(interrupted_note(method, result, out / "result.pt"))
+        console.print(interrupted_note(method, result.info, out / "result.pt"))
         raise SystemExit(130)
     from ats.evaluate import evaluate_result
     from ats.report import verdict, write_json

@@ -9,7 +9,7 @@ import click
 from ats.discretize import FIXED, KINDS
 from ats.evaluate import EVAL_SAMPLES, L2_SAMPLES
 from ats.methods import METHODS
-from ats.teacher import DEFAULT_CACHE
+from ats.teacher import DEFAULT_CACHE, SPLIT_SIZE
 from ats.models.sources import DATASETS
 from ats.solvers import SOLVERS
 from ats.study import BASELINES, SAMPLERS
@@ -128,7 +128,7 @@ def main() -> None:
               callback=_choice_list(KINDS), help="Comma-separated fixed discretizations.")
 @click.option("--metric", type=click.Choice(["l2", "fid"]), default="l2", show_default=True,
               help="l2: mean distance to a 1000-step reference from the same noise; fid: the dataset's FID.")
-@click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2),
+@click.option("--n", "n_samples", default=512, show_default=True, type=click.IntRange(2, SPLIT_SIZE),
               help="Number of samples (evaluation seeds).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="First evaluation sample.")
 @json_option("one object per row (value, 95 % interval, n; for FID the paired change against the best "
@@ -240,7 +240,7 @@ def train_model(dataset, classifier, steps, seed, out) -> None:
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
 @click.option("--nfe", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--discretization", default="edm", show_default=True, type=click.Choice(KINDS))
-@click.option("--n", "n_samples", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--n", "n_samples", default=1000, show_default=True, type=click.IntRange(1, SPLIT_SIZE))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
               help="First sample of the split (sample i has its own seed).")
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "valid", "eval"]))
@@ -271,15 +271,43 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
         click.echo(f"grid: {save_image_grid(data.targets[:64], grid)}")
 
 
+def check_out_folder(out: Path) -> None:
+    """Before a fit: ``--out`` is a folder that holds no result yet (a finished result is never
+    overwritten) and can be created or written."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} is a file, not a folder; choose another folder", param_hint="--out")
+    old = [name for name in ("result.pt", "schedule.json") if (out / name).exists()]
+    if old:
+        raise click.BadParameter(f"{out} already holds a result ({', '.join(old)}); choose another folder or "
+                                 f"delete {out}", param_hint="--out")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot create or write {out}: {existing} is not a writable folder; choose "
+                                 "another folder", param_hint="--out")
+
+
+def interrupted_note(method: str, info: dict, path: Path) -> str:
+    """What ``ats fit`` saved when Ctrl-C stopped it (``info`` of the result): the method's best
+    state, or for a method that starts from LD3 and was stopped there, LD3's."""
+    if info.get("interrupted_in") == "ld3_start":
+        return (f"interrupted while fitting the starting LD3 schedule of {method}: LD3's best state saved to {path} "
+                f"(an ld3 schedule; rerun to fit {method})")
+    return f"interrupted: the best state of {method} so far saved to {path}"
+
+
 @main.command()
 @click.option("--method", required=True, type=click.Choice(tuple(METHODS)), help="What to fit (README: Methods).")
 @dataset_options(default="digits")
 @click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
 @click.option("--nfe", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--n-train", default=50, show_default=True, type=click.IntRange(1), help="Training samples (seeds).")
-@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1), help="Validation samples.")
-@click.option("--n-eval", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2),
+@click.option("--n-train", default=50, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+              help="Training samples (seeds).")
+@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+              help="Validation samples.")
+@click.option("--n-eval", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2, SPLIT_SIZE),
               help="Evaluation samples for the closing comparison (fresh seeds).")
 @click.option("--teacher-solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--teacher-nfe", default=20, show_default=True, type=click.IntRange(1))
@@ -315,6 +343,7 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     except OptionError as e:
         raise click.BadParameter(f"{e} (method {method})", param_hint="--option")
     out = out or Path("runs") / f"{method}-{source.name}-{solver}-nfe{nfe}"
+    check_out_folder(out)
     console = report_console()
     teacher = TeacherConfig(teacher_solver, teacher_nfe, teacher_discretization)
     try:
@@ -324,6 +353,10 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
                               f"loss {loss:.4g}")
             result = fit_method(method, source, solver, nfe, order, n_train, n_valid, teacher, cache, seed, options,
                                 progress=progress)
+    except KeyboardInterrupt:
+        console.print(f"interrupted before {method} had a state to save: nothing saved (teacher targets computed "
+                      f"so far stay cached in {cache})")
+        raise SystemExit(130)
     except FitDiverged as e:
         if getattr(e, "result", None) is not None:
             save_result(e.result, out / "result.pt")
@@ -335,8 +368,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
     if result.timesteps is not None:
         save_schedule_json(result, out / "schedule.json")
     if result.info.get("interrupted"):
-        console.print(f"interrupted: the best state so far is saved to {out}")
-        return
+        console.print(interrupted_note(method, result.info, out / "result.pt"))
+        raise SystemExit(130)
     from ats.evaluate import evaluate_result
     from ats.report import verdict, write_json
     table, rows = evaluate_result(source, result, n_eval, teacher, cache)
@@ -471,10 +504,15 @@ def _fit_options(f):
                 result = load_result(run_id, tracking_uri)
             except TrackingError as e:
                 raise click.ClickException(str(e))
+            except ValueError as e:
+                raise click.ClickException(f"run {run_id}: its result artifact is unusable: {e}")
             source = study.source()
+        else:
+            try:
+                result = load_schedule_file(schedule)   # its errors name the file
+            except ValueError as e:
+                raise click.BadParameter(str(e), param_hint="--schedule")
         try:
-            if schedule is not None:
-                result = load_schedule_file(schedule)
             check_fits(source, result)
         except (ValueError, KeyError, RuntimeError) as e:
             raise click.UsageError(f"{schedule or run_id}: {e}")
@@ -485,7 +523,7 @@ def _fit_options(f):
 
 @main.command()
 @_fit_options
-@click.option("--n", "n_samples", default=None, type=click.IntRange(2),
+@click.option("--n", "n_samples", default=None, type=click.IntRange(2, SPLIT_SIZE),
               help=f"Evaluation samples (fresh seeds); default: the study's n_eval (--run), {EVAL_SAMPLES} "
                    "(--schedule). The FID interval narrows like 1/sqrt(n).")
 @click.option("--start", default=None, type=click.IntRange(0),
@@ -500,7 +538,7 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     from ats.report import console as report_console
     from rich.progress import Progress
 
-    from ats.evaluate import compare_on_eval, run_metrics
+    from ats.evaluate import baseline_problem, check_baselines, compare_on_eval, run_metrics
     from ats.report import rich_table, verdict, write_json
     from ats.teacher import TeacherConfig
 
@@ -512,6 +550,14 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     n_samples = n_samples or (study.n_eval if study else EVAL_SAMPLES)
     names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
     console = report_console()
+    if baselines:
+        try:
+            check_baselines(source, result, names)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--baselines")
+    for name in [b for b in names if baseline_problem(source, result, b)]:
+        console.print(f"baseline {name} left out: {baseline_problem(source, result, name)}")
+        names.remove(name)
     with Progress(console=console, transient=True) as bar:
         tasks = {"teacher": bar.add_task("teacher targets (L2 column)", total=min(n_samples, L2_SAMPLES)),
                  "sampling": bar.add_task(f"sampling {n_samples} per schedule", total=len(names) + 1)}
@@ -536,7 +582,8 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
 
 @main.command("sample")
 @_fit_options
-@click.option("--n", "n_samples", default=64, show_default=True, type=click.IntRange(1), help="Number of samples.")
+@click.option("--n", "n_samples", default=64, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+              help="Number of samples.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("samples.png"),
               show_default=True, help="The PNG to write.")
 @click.option("--seed", default=None, type=click.IntRange(0),
@@ -548,9 +595,10 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
 def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples, out, seed, label,
                    baselines) -> None:
     """Samples of a run's (or a file's) schedule or predictor: an image grid, or for gmm a scatter plot."""
-    from ats.evaluate import draw, sample_labels, sample_seeds, save_samples
+    from ats.evaluate import check_baselines, draw, sample_labels, sample_seeds, save_samples
 
     try:
+        check_baselines(source, result, baselines)
         seeds = sample_seeds(result, n_samples, seed)
         samples = draw(source, result, seeds, sample_labels(source, result, seeds, label), baselines,
                        study.n_train if study else 50, cache)

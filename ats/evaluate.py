@@ -19,7 +19,7 @@ from torch import Tensor
 from .solvers import steps_for_nfe
 from .discretize import FIXED, KINDS, check_time_range, get_timesteps
 from .methods.common import FitResult
-from .methods.results import load_result, sample_result
+from .methods.results import GIVE, load_result, result_from_data, sample_result
 from .intervals import FidEstimate
 from .losses import l2_loss
 from .metrics import frechet_estimate
@@ -49,6 +49,23 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
                                                                              dtype=source.dtype))
     from .methods import fit_method
     return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
+
+
+def baseline_problem(source: ModelSource, result: FitResult, name: str) -> str | None:
+    """Why baseline ``name`` cannot run at the fit's solver and steps (GITS beyond its fine
+    grid, DMN with another solver), or None."""
+    from .methods import METHODS
+    if name not in METHODS:
+        return None
+    return METHODS[name].unsupported((result.solver,), (result.steps,), source.real_data is not None)
+
+
+def check_baselines(source: ModelSource, result: FitResult, names: Sequence[str]) -> None:
+    """A one-line ValueError, before any work, for a baseline that cannot run with the fit."""
+    for name in names:
+        reason = baseline_problem(source, result, name)
+        if reason:
+            raise ValueError(f"baseline {name}: {reason}; leave {name} out of the baselines")
 
 
 def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
@@ -105,15 +122,32 @@ def run_metrics(rows: Sequence[Row], n: int, start: int) -> dict[str, float]:
 
 
 def load_schedule_file(path: str | Path) -> FitResult:
-    """A ``schedule.json`` or ``result.pt`` written by ``ats fit`` or ``ats search``."""
+    """A ``schedule.json`` or ``result.pt`` written by ``ats fit`` or ``ats search``; a broken,
+    foreign or inconsistent file raises a one-line ValueError naming it."""
     path = Path(path)
-    if path.suffix == ".json":
+    if path.suffix != ".json":
+        return load_result(path)
+    try:
         data = json.loads(path.read_text())
-        if "timesteps" not in data:
-            raise ValueError(f"{path} holds no global schedule ('timesteps'); give the fit's result.pt")
-        times = {k: torch.tensor(data[k], dtype=torch.float64) for k in ("timesteps", "cond_timesteps") if k in data}
-        return FitResult.from_dict({**data, "info": data.get("info", {})}, **times)
-    return load_result(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({' '.join(str(e).split())}); {GIVE}") from None
+    if not isinstance(data, dict):
+        return result_from_data(data, path)   # refused: names what the file holds
+    if "timesteps" not in data:
+        raise ValueError(f"{path} holds no global schedule ('timesteps'); give the fit's result.pt")
+    times = {k: _times(data[k], path, k) for k in ("timesteps", "cond_timesteps") if k in data}
+    return result_from_data({**data, "info": data.get("info", {})}, path, **times)
+
+
+def _times(value: object, path: Path, name: str) -> Tensor:
+    """A schedule of a JSON file as a float64 tensor: a flat list of numbers."""
+    try:
+        t = torch.tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is None or t.ndim != 1:
+        raise ValueError(f"{path}: {name} must be a list of numbers, got {str(value)[:60]}; {GIVE}")
+    return t
 
 
 def check_fits(source: ModelSource, result: FitResult) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from .options import (Option, OptionError, choice, did_you_mean, fail, integer, 
                       parse_options)
 from .solvers import steps_for_nfe
 from .solvers.sampling import SOLVERS, solver_spec
-from .teacher import TeacherConfig
+from .teacher import SPLIT_SIZE, TeacherConfig
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice")
@@ -41,6 +42,29 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class StudyError(ValueError):
     """A study that cannot run: the file, the field's dotted path, what is wrong and the fix."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that gives the same key twice (plain YAML keeps the last one silently)."""
+
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} is given twice in the same mapping; keep one of them")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a repeated key in a mapping (merge keys ``<<`` aside)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True)
@@ -198,7 +222,9 @@ def load_study(path: str | Path) -> Study:
         raise StudyError(f"{path}: cannot read the study file ({e.strerror or e}); "
                          "pass an existing YAML file with --study (format: studies/README.md)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise StudyError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise StudyError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     return study_from_dict(data, origin=str(path))
@@ -226,6 +252,14 @@ def _fail(origin: str, path: str, message: str) -> NoReturn:
     raise StudyError(f"{origin}: {path}: {message}")
 
 
+def _bounded(low: float, high: float) -> bool:
+    """Whether the range low..high can be sampled: a finite float width, and integer bounds
+    within 64 bits (what a study database stores)."""
+    if isinstance(low, int) and isinstance(high, int):
+        return -2 ** 63 <= low and high < 2 ** 63
+    return math.isfinite(high - low)
+
+
 class _Reader:
     """Validates one study document; every error (``OptionError``) names the field path."""
 
@@ -250,6 +284,13 @@ class _Reader:
         if len(set(out)) != len(out):
             fail(path, f"lists a name twice: {value!r}")
         return out
+
+    def size(self, value: Any, path: str, low: int) -> int:
+        """A number of samples: an integer from ``low`` up to the seeds of one split (``SPLIT_SIZE``)."""
+        n = integer(value, path, low)
+        if n > SPLIT_SIZE:
+            fail(path, f"must be at most {SPLIT_SIZE} (the seeds of one split), got {n}")
+        return n
 
     def nfes(self, value: Any, solvers: tuple[str, ...]) -> tuple[int, ...]:
         if not isinstance(value, list) or not value:
@@ -339,6 +380,9 @@ class _Reader:
             log = False
             if kind == "loguniform" and low <= 0:
                 fail(f"{path}.low", f"must be > 0 for a loguniform parameter, got {low:g}")
+        if not _bounded(low, high):
+            fail(path, "the range low..high is too wide to sample; integer bounds must lie within "
+                       "-2**63..2**63 - 1 and a float range must have a finite width")
         if low >= high:
             fail(f"{path}.low", f"must be below high ({high:g}), got {low:g}")
         option.parse(low, f"{path}.low")   # the range lies within the option's bounds
@@ -394,7 +438,7 @@ class _Reader:
         return Study(
             name=name, dataset=dataset, model=self.model(d.get("model"), dataset), solvers=solvers, nfes=nfes,
             order=self.order(d.get("order"), solvers, "order"), teacher=self.teacher(d.get("teacher")),
-            **{k: integer(sizes[k], f"data.{k}", 1 if k == "n_train" else 2) for k in DATA_DEFAULTS},
+            **{k: self.size(sizes[k], f"data.{k}", 1 if k == "n_train" else 2) for k in DATA_DEFAULTS},
             baselines=baselines, methods=tuple(self.method(str(m), v, context) for m, v in methods.items()),
             trials=integer(d.get("trials", 10), "trials", 1),
             sampler=choice(d.get("sampler", "tpe"), "sampler", SAMPLERS),

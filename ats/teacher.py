@@ -5,6 +5,8 @@ hashes everything that decides a target (model identity, solver, order, NFE,
 discretization, dtype, format version) and block b holds seeds [b * S, (b + 1) * S).
 Shards are written to a temporary file and renamed, so a run killed at any moment leaves
 only whole shards; a rerun computes only the missing blocks, and an identical call none.
+A shard that cannot be read, or holds other seeds or shapes than its block's (copied from
+elsewhere), is recomputed with a warning, never used.
 Seed ranges of the splits are disjoint, so training, validation and evaluation never share
 a sample.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -29,6 +32,8 @@ FORMAT_VERSION = 1
 DEFAULT_CACHE = ".ats-cache/teacher"   # where teacher targets are cached unless told otherwise
 SPLIT_OFFSETS = {"train": 0, "valid": 10_000_000, "eval": 20_000_000, "select": 30_000_000}
 SPLIT_SIZE = 10_000_000
+SHARD_KEYS = ("seeds", "latents", "targets", "labels")
+log = logging.getLogger(__name__)
 
 
 def split_seeds(split: str, n: int, start: int = 0) -> range:
@@ -112,6 +117,40 @@ def _compute_block(source: ModelSource, timesteps: Tensor, config: TeacherConfig
     return {"seeds": torch.tensor(list(seeds)), "latents": latents, "targets": targets, "labels": labels}
 
 
+def _shard_problem(data: object, seeds: range, shape: tuple[int, ...]) -> str | None:
+    """What is wrong with a loaded shard of block ``seeds``, or None when it is that block's."""
+    if not isinstance(data, dict) or set(data) != set(SHARD_KEYS):
+        return f"it does not hold {', '.join(SHARD_KEYS)}"
+    stored = data["seeds"]
+    if not torch.is_tensor(stored) or stored.tolist() != list(seeds):
+        return f"it holds other seeds than {seeds.start}..{seeds.stop - 1} (copied from another block or cache?)"
+    for key in ("latents", "targets"):
+        value = data[key]
+        if not torch.is_tensor(value) or tuple(value.shape) != (len(seeds), *shape):
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            return f"its {key} have shape {got}, not {(len(seeds), *shape)}"
+    if not torch.isfinite(data["targets"]).all():
+        return "its targets hold NaN or inf"
+    return None
+
+
+def _read_shard(path: Path, seeds: range, shape: tuple[int, ...]) -> dict | None:
+    """The shard at ``path`` if it is whole and holds block ``seeds``; None (with a warning
+    for a bad one) when it must be computed."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        problem = f"it is unreadable ({type(e).__name__})"
+    else:
+        problem = _shard_problem(data, seeds, shape)
+    if problem is None:
+        return data
+    log.warning(f"teacher shard {path} is not used: {problem}; recomputing that block")
+    return None
+
+
 def generate_teacher(source: ModelSource, seeds: range, config: TeacherConfig = TeacherConfig(),
                      cache: str | Path = DEFAULT_CACHE, dtype: torch.dtype = torch.float32,
                      device: torch.device | str | None = None, block_size: int = 100,
@@ -126,13 +165,8 @@ def generate_teacher(source: ModelSource, seeds: range, config: TeacherConfig = 
     for block in range(seeds.start // block_size, (seeds.stop - 1) // block_size + 1):
         path = root / f"block-{block}-of-{block_size}.pt"
         block_seeds = range(block * block_size, (block + 1) * block_size)
-        if path.is_file():
-            try:
-                data = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"teacher shard {path} is unreadable ({type(e).__name__}); delete it to "
-                                 "recompute that block") from None
-        else:
+        data = _read_shard(path, block_seeds, source.shape)
+        if data is None:
             data = _compute_block(source, timesteps, config, block_seeds, dtype, device)
             write_atomic(path, lambda tmp: torch.save(data, tmp))
         lo, hi = max(seeds.start, block_seeds.start), min(seeds.stop, block_seeds.stop)

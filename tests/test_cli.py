@@ -1,3 +1,10 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 from click.testing import CliRunner
 
 from ats.cli import main
@@ -131,3 +138,79 @@ def test_fit_bad_option_and_method():
     assert result.exit_code == 2 and "batch_size: must be >= 1, got 0" in result.output
     result = CliRunner().invoke(main, ["fit", "--method", "ld3", "--dataset", "gmm", "--nfe", "3", "--option", "init=[0,0]"])
     assert result.exit_code == 2 and "init: unknown key" in result.output   # an input of the method, not an option
+
+
+def fit_args(tmp_path, out, *more: str) -> list[str]:
+    return ["fit", "--method", "ld3", "--dataset", "gmm", "--preset", "2d", "--solver", "dpm_solver++", "--nfe", "4",
+            "--n-train", "8", "--n-valid", "8", "--n-eval", "16", "--option", "epochs=1",
+            "--cache", str(tmp_path / "cache"), "--out", str(out), *more]
+
+
+def test_fit_refuses_an_existing_result_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, fit_args(tmp_path, out)).exit_code == 0
+    before = (out / "result.pt").read_bytes()
+    result = CliRunner().invoke(main, fit_args(tmp_path, out))
+    assert result.exit_code == 2 and "Invalid value for --out: " in result.output
+    assert f"{out} already holds a result (result.pt, schedule.json); choose another folder or delete {out}" \
+        in " ".join(result.output.split())
+    assert (out / "result.pt").read_bytes() == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(main, fit_args(tmp_path, empty)).exit_code == 0   # an empty folder is fine
+
+
+def test_fit_refuses_an_unwritable_out_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = CliRunner().invoke(main, fit_args(tmp_path, blocker / "run"))
+    assert result.exit_code == 2 and "is not a writable folder" in result.output and "--out: " in result.output
+    result = CliRunner().invoke(main, fit_args(tmp_path, blocker))
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output
+    assert not (tmp_path / "cache").exists()   # refused before the teacher was computed
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_fit_refuses_a_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = CliRunner().invoke(main, fit_args(tmp_path, locked / "run"))
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 2 and f"{locked} is not a writable folder" in " ".join(result.output.split())
+    assert not (tmp_path / "cache").exists()
+
+
+def test_sigint_during_the_starting_ld3_fit_saves_ld3s_best_state(tmp_path):
+    """A real `ats fit --method oneshot` sent SIGINT while LD3 (its start) runs."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "ats.cli", "fit", "--method", "oneshot", "--dataset", "gmm", "--preset", "2d",
+           "--nfe", "4", "--n-train", "8", "--n-valid", "8", "--option", 'ld3={"epochs": 100000}',
+           "--cache", str(cache), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "400"})
+    deadline = time.time() + 50
+    while time.time() < deadline and len(list(cache.rglob("block-*.pt"))) < 2:   # train and valid targets
+        time.sleep(0.05)
+    time.sleep(8)   # into LD3's epochs (its setup takes a moment on a loaded machine)
+    proc.send_signal(signal.SIGINT)
+    output = " ".join(proc.communicate(timeout=60)[0].split())
+    assert proc.returncode in (130, -signal.SIGINT), output   # CPython may re-raise SIGINT at exit
+    assert (f"interrupted while fitting the starting LD3 schedule of oneshot: LD3's best state saved to "
+            f"{out / 'result.pt'}") in output
+    from ats.methods import load_result
+    saved = load_result(out / "result.pt")
+    assert saved.method == "ld3" and saved.info["interrupted"] and (saved.timesteps.diff() < 0).all()
+
+
+def test_sample_counts_beyond_a_split_are_refused(tmp_path):
+    cache = ["--cache", str(tmp_path / "c")]
+    for command in (["fit", "--method", "ld3", "--dataset", "gmm", "--n-eval", "10000001", *cache],
+                    ["teacher", "--dataset", "gmm", "--n", "10000001", *cache],
+                    ["compare", "--dataset", "gmm", "--n", "10000001"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2 and "10000001 is not in the range" in result.output, result.output
+        assert "<=x<=10000000" in result.output
+    assert not (tmp_path / "c").exists()

@@ -182,3 +182,16 @@ def test_a_predictor_no_better_than_its_start_falls_back_to_it(tmp_path):
     record = trained.info["vs_start"]
     assert (record["kept"] == "predictor") == (record["high"] < 0 and record["pct"] <= -0.5) and record["n"] == 48
     assert (trained.predictor is not None) == (record["kept"] == "predictor")
+
+
+@pytest.mark.parametrize("method", ["oneshot", "delta", "oracle"])
+def test_ctrl_c_in_the_starting_ld3_fit_returns_ld3s_best_state(tmp_path, method):
+    from ats.methods import fit_method
+
+    def stop(phase, step, loss):
+        if phase == "ld3" and step == 2:
+            raise KeyboardInterrupt
+    res = fit_method(method, gmm_source(dim=2), "uni_pc", 4, n_train=8, n_valid=8, cache=tmp_path, progress=stop,
+                     options={"ld3": {"epochs": 50}})
+    assert res.method == "ld3" and res.info["interrupted"] and res.info["interrupted_in"] == "ld3_start"
+    assert res.info["epochs"] == 2 and (res.timesteps.diff() < 0).all()

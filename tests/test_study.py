@@ -334,3 +334,59 @@ def test_study_is_frozen():
     assert isinstance(study, Study)
     with pytest.raises(AttributeError):
         study.trials = 3
+
+
+def test_duplicate_yaml_key_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(yaml.safe_dump(base(), sort_keys=False) + "trials: 50\n")
+    with pytest.raises(StudyError) as e:
+        load_study(path)
+    line = len(path.read_text().splitlines())
+    assert str(e.value) == f"{path}: line {line}: key 'trials' is given twice in the same mapping; keep one of them"
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("dataset: gmm\nteacher:\n  nfe: 20\n  solver: uni_pc\n  nfe: 30\n")
+    with pytest.raises(StudyError, match=r"nested\.yaml: line 5: key 'nfe' is given twice"):
+        load_study(nested)
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("data/n_eval", 10**9, r"data\.n_eval: must be at most 10000000 \(the seeds of one split\), got 1000000000"),
+    ("data/n_select", 10_000_001, r"data\.n_select: must be at most 10000000"),
+    ("data/n_train", 10**12, r"data\.n_train: must be at most 10000000"),
+    ("data/n_valid", float("inf"), r"data\.n_valid: must be an integer >= 2, got inf"),
+    ("resources", {"cpus_per_trial": float("inf")}, r"resources\.cpus_per_trial: must be a number, got inf"),
+    ("resources", {"gpus_per_trial": float("nan")}, r"resources\.gpus_per_trial: must be a number, got nan"),
+    ("teacher", {"nfe": float("inf")}, r"teacher\.nfe: must be an integer >= 1, got inf"),
+    ("teacher", {"order": float("nan")}, r"teacher\.order: must be an integer >= 1, got nan"),
+    ("methods/ld3/space/lr", {"type": "loguniform", "low": 1e-3, "high": float("inf")},
+     r"methods\.ld3\.space\.lr\.high: must be a number, got inf"),
+    ("methods/ld3/space/lr", {"type": "uniform", "low": float("nan"), "high": 1},
+     r"methods\.ld3\.space\.lr\.low: must be a number, got nan"),
+    ("methods/ld3/space/epochs", {"type": "int", "low": 1, "high": 2**63},
+     r"methods\.ld3\.space\.epochs: the range low\.\.high is too wide to sample; integer bounds"),
+    ("methods/ld3/space/epochs", {"type": "int", "low": 1, "high": 10**400},
+     r"methods\.ld3\.space\.epochs: the range low\.\.high is too wide"),
+    ("methods/ld3/options/lr", float("inf"), r"methods\.ld3\.options\.lr: must be a number, got inf"),
+    ("model", {"preset": "2d", "seed": float("nan")}, r"model\.seed: must be"),
+])
+def test_huge_or_non_finite_values_are_refused(path, value, expected):
+    message = error(edited(path, value))
+    assert re.search(expected, message), message
+
+
+def test_nfe_beyond_the_gits_fine_grid_is_refused():
+    doc = edited("nfes", [5, 1000])
+    doc["baselines"] = ["edm", "gits"]
+    assert error(doc) == ("my.yaml: baselines: gits picks its steps from a fine grid of 60 intervals, so it takes "
+                          "at most 60 steps, not 1000; lower the NFE; drop gits or the solver")
+    doc["nfes"] = [5, 60]
+    assert study_from_dict(doc).nfes == (5, 60)
+
+
+def test_non_finite_yaml_numbers_are_refused_from_a_file(tmp_path):
+    path = tmp_path / "inf.yaml"
+    text = yaml.safe_dump(base(), sort_keys=False).replace("high: 0.1", "high: .inf")
+    assert ".inf" in text
+    path.write_text(text)
+    with pytest.raises(StudyError, match=r"inf\.yaml: methods\.ld3\.space\.lr\.high: must be a number, got inf"):
+        load_study(path)

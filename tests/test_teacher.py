@@ -1,6 +1,5 @@
 """The teacher cache: content-addressed, atomic, resumable, reproducible from seeds."""
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -75,14 +74,47 @@ def test_cache_of_another_model_or_version_is_refused(tmp_path):
     assert teacher_dir(other, config, tmp_path) != root
 
 
-def test_corrupt_shard_is_named(tmp_path):
+def shard_files(source, config, cache) -> list[Path]:
+    return sorted(teacher_dir(source, config, cache).glob("block-*.pt"), key=lambda p: int(p.name.split("-")[1]))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda shard, _: shard.write_bytes(b"not a torch file"), "it is unreadable"),
+    (lambda shard, _: shard.write_bytes(shard.read_bytes()[:len(shard.read_bytes()) // 2]), "it is unreadable"),
+    (lambda shard, other: shard.write_bytes(other.read_bytes()), "it holds other seeds than 4..7"),
+    (lambda shard, _: torch.save({"seeds": torch.arange(4, 8)}, shard), "it does not hold seeds, latents"),
+])
+def test_bad_shard_is_recomputed_with_a_warning(tmp_path, caplog, damage, reason):
+    source, calls = counting_source()
+    config = TeacherConfig(nfe=5)
+    seeds = split_seeds("train", 12)
+    first = generate_teacher(source, seeds, config, tmp_path, block_size=4)
+    shards = shard_files(source, config, tmp_path)
+    damage(shards[1], shards[0])
+    calls.clear()
+    with caplog.at_level("WARNING", logger="ats.teacher"):
+        again = generate_teacher(source, seeds, config, tmp_path, block_size=4)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"teacher shard {shards[1]} is not used: {reason}")
+    assert message.endswith("; recomputing that block") and "\n" not in message
+    assert sum(calls) == 4 * 5   # that block alone
+    assert torch.equal(again.seeds, first.seeds) and torch.equal(again.targets, first.targets)
+    assert torch.load(shards[1], weights_only=True)["seeds"].tolist() == [4, 5, 6, 7]   # rewritten whole
+    calls.clear()
+    generate_teacher(source, seeds, config, tmp_path, block_size=4)
+    assert calls == []
+
+
+def test_shard_of_another_shape_is_recomputed(tmp_path, caplog):
     source, _ = counting_source()
     config = TeacherConfig(nfe=5)
     generate_teacher(source, split_seeds("train", 4), config, tmp_path, block_size=4)
-    shard = next(teacher_dir(source, config, tmp_path).glob("block-*.pt"))
-    shard.write_bytes(b"not a torch file")
-    with pytest.raises(ValueError, match=re.escape(f"teacher shard {shard} is unreadable") + ".*delete it"):
+    shard = shard_files(source, config, tmp_path)[0]
+    data = torch.load(shard, weights_only=True)
+    torch.save({**data, "targets": data["targets"][:, :2]}, shard)
+    with caplog.at_level("WARNING", logger="ats.teacher"):
         generate_teacher(source, split_seeds("train", 4), config, tmp_path, block_size=4)
+    assert "its targets have shape (4, 2), not (4, 4); recomputing that block" in caplog.text
 
 
 def test_splits_are_disjoint_and_bad_requests_fail():

@@ -201,3 +201,19 @@ def test_bad_input_gives_one_line_errors(gmm_setup, change, message):
     with pytest.raises(ValueError, match=message) as info:
         fit_timetuner(source.model_fn, source.noise_schedule, **kw)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "parallel"])
+def test_ctrl_c_returns_the_ratios_tuned_so_far(gmm_setup, strategy):
+    source, _, ts = gmm_setup
+    full = quick_fit(gmm_setup, "dpm_solver++", strategy=strategy)
+
+    def stop(phase, it, loss):
+        if phase == "step 2" and it == 3:
+            raise KeyboardInterrupt
+    res = quick_fit(gmm_setup, "dpm_solver++", strategy=strategy, progress=stop)
+    assert res.info["interrupted"] and res.info["steps_tuned"] == 2
+    ratios = torch.tensor(res.info["ratios"], dtype=torch.float64)
+    assert ratios[:2].tolist() == full.info["ratios"][:2] and (ratios[2:] == 1).all()
+    torch.testing.assert_close(res.cond_timesteps, ratio_cond_timesteps(ts, ratios))
+    check_time_range(source.noise_schedule, res.cond_timesteps, "cond_timesteps")

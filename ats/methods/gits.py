@@ -22,7 +22,7 @@ GITS; its adaptive first step (AFS) is not reproduced.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -195,6 +195,14 @@ class GITS(Method):
     options = declare(gits_timesteps, ("model_fn", "noise_schedule", "x_T", "steps", "solver", "grid", "return_info"),
                       choices={"metric": METRICS}, low={"fine_steps": 1, "teacher_substeps": 1, "batch_size": 1,
                                                         "coeff": 0})
+
+    def unsupported(self, solvers: Sequence[str], steps: Sequence[int], has_real_data: bool) -> str | None:
+        """Also: more steps than the default fine grid has intervals (GITS picks a subsequence of it)."""
+        fine = self.options["fine_steps"].default
+        if max(steps) > fine:
+            return (f"gits picks its steps from a fine grid of {fine} intervals, so it takes at most {fine} steps, "
+                    f"not {max(steps)}; lower the NFE")
+        return super().unsupported(solvers, steps, has_real_data)
 
     def fit(self, ctx: FitContext, **options: Any) -> FitResult:
         return fit_gits(ctx.source, ctx.solver, ctx.steps, split_seeds("train", ctx.n_train), ctx.order,

@@ -26,12 +26,66 @@ def save_result(result: FitResult, path: str | Path) -> Path:
     return write_atomic(Path(path), lambda tmp: torch.save(state, tmp))
 
 
+GIVE = "give a result.pt or schedule.json written by `ats fit` or `ats search`"
+SCHEDULES = ("timesteps", "cond_timesteps", "per_sample")
+
+
+def _first_line(e: Exception) -> str:
+    """``Type: first sentence`` of an exception's message (torch's run to paragraphs)."""
+    text = (str(e).splitlines() or [""])[0].split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text}"
+
+
 def load_result(path: str | Path) -> FitResult:
     """The inverse of ``save_result``: every tensor, and the predictor rebuilt from its class
-    name, config and state dict (on the CPU, in eval mode)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    saved = state.pop("predictor", None)
-    return FitResult.from_dict(state, predictor=None if saved is None else load_predictor(saved))
+    name, config and state dict (on the CPU, in eval mode). A file that is not such a result
+    raises a one-line ValueError naming it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a torch file written by ats ({_first_line(e)}); {GIVE}") from None
+    saved = state.pop("predictor", None) if isinstance(state, dict) else None
+    predictor = None
+    if saved is not None:
+        try:
+            predictor = load_predictor(saved)
+        except Exception as e:
+            raise ValueError(f"{path}: its predictor cannot be rebuilt ({_first_line(e)}); {GIVE}") from None
+    return result_from_data(state, path, predictor=predictor)
+
+
+def result_from_data(data: object, path: Path, **fields: object) -> FitResult:
+    """A FitResult from the saved ``data`` of file ``path`` (``FitResult.from_dict``), checked:
+    the keys it needs, and schedules whose lengths match its steps and NFE. One-line
+    ValueErrors name the file and what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a {type(data).__name__}, not a fit result; {GIVE}")
+    missing = [k for k in ("method", "solver") if k not in data] + \
+        ([] if "steps" in data or "nfe" in data else ["steps"])
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}, so it is no fit result; {GIVE}")
+    try:
+        result = FitResult.from_dict(data, **fields)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a valid fit result ({_first_line(e)}); {GIVE}") from None
+    _check_lengths(result, data, path)
+    return result
+
+
+def _check_lengths(result: FitResult, data: dict, path: Path) -> None:
+    """Schedules of steps + 1 times, and a stored NFE that the solver spends in those steps."""
+    if not isinstance(result.steps, int) or isinstance(result.steps, bool) or result.steps < 1:
+        raise ValueError(f"{path}: steps must be an integer >= 1, got {result.steps!r}; {GIVE}")
+    for name in SCHEDULES:
+        value = getattr(result, name)
+        if value is not None and (not torch.is_tensor(value) or value.shape[-1:] != (result.steps + 1,)):
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"{path}: {name} has shape {got}, but {result.steps} steps take {result.steps + 1} "
+                             "times; the file was edited or is corrupt: fix steps or the times")
+    if "steps" in data and "nfe" in data and data["nfe"] != result.nfe:   # older files: nfe alone
+        raise ValueError(f"{path}: nfe {data['nfe']!r} does not match its {result.steps} steps of {result.solver} "
+                         f"({result.nfe} network calls); fix nfe or the times (steps + 1 of them)")
 
 
 def save_schedule_json(result: FitResult, path: str | Path) -> Path:

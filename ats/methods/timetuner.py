@@ -197,7 +197,8 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
     and ``cond_timesteps`` = ``ratio_cond_timesteps(timesteps, ratios)``; ``info["ratios"]``
     has the N ratios (last 1), ``history["step_i"]`` the loss curve of step i and
     ``history["ratio_i"]`` its ratio after each iteration. Raises ``FitDiverged`` (with
-    ``.result``) on a non-finite loss.
+    ``.result``) on a non-finite loss. Ctrl-C returns the ratios of the steps tuned so far (the
+    others 1) with ``info["interrupted"]`` and ``info["steps_tuned"]``.
     """
     _, order = solver_spec(solver, order)
     _check_inputs(noise_schedule, data, timesteps, strategy, iterations, lr, batch_size, pool_size, ratio_range)
@@ -240,28 +241,33 @@ def fit_timetuner(model_fn: ModelFn, noise_schedule: NoiseSchedule, data: Tensor
         a_T, s_T = (v.reshape(()) for v in noise_schedule.marginal_coeffs(ts[0])[:2])
         pool_x, pool_state, at = a_T * x0 + s_T * noise, SolverState(), 0
 
-    for i in range(steps - 1):
-        window = False
-        if strategy == "sequential":
-            cond = ratio_cond_timesteps(ts, ratios)
-            while at < i - 1:
-                pool_x, pool_state = prob.advance(at, pool_x, pool_state, cond)
-                at += 1
-            window = i >= 1 and prob.depends_on_next(i - 1, pool_x, pool_state, cond)
-            if i >= 1 and not window:
-                pool_x, pool_state = prob.advance(at, pool_x, pool_state, cond)
-                at += 1
-            x_i, state_i = pool_x, pool_state
-        else:
-            x_i, state_i = _forward_with_history(prob, noise_schedule, x0, noise, i)
-        target = None if window else prob.eps(x_i, i)
-        try:
-            ratios[i] = _fit_ratio(prob, i, x_i, state_i, target, window, ratios, bounds[i], iterations,
-                                   lr, batch_size, gen, history, progress)
-        except FitDiverged as err:
-            ratios[i] = err.last_good
-            err.result = result({"diverged_at_step": i})
-            raise
+    done = 0   # steps whose ratio is tuned; Ctrl-C keeps them (the rest stay 1)
+    try:
+        for i in range(steps - 1):
+            window = False
+            if strategy == "sequential":
+                cond = ratio_cond_timesteps(ts, ratios)
+                while at < i - 1:
+                    pool_x, pool_state = prob.advance(at, pool_x, pool_state, cond)
+                    at += 1
+                window = i >= 1 and prob.depends_on_next(i - 1, pool_x, pool_state, cond)
+                if i >= 1 and not window:
+                    pool_x, pool_state = prob.advance(at, pool_x, pool_state, cond)
+                    at += 1
+                x_i, state_i = pool_x, pool_state
+            else:
+                x_i, state_i = _forward_with_history(prob, noise_schedule, x0, noise, i)
+            target = None if window else prob.eps(x_i, i)
+            try:
+                ratios[i] = _fit_ratio(prob, i, x_i, state_i, target, window, ratios, bounds[i], iterations,
+                                       lr, batch_size, gen, history, progress)
+            except FitDiverged as err:
+                ratios[i] = err.last_good
+                err.result = result({"diverged_at_step": i})
+                raise
+            done = i + 1
+    except KeyboardInterrupt:
+        return result({"interrupted": True, "steps_tuned": done})
     return result()
 
 

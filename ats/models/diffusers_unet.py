@@ -24,7 +24,7 @@ WHERE = ("download google/ddpm-cifar10-32 from the Hugging Face Hub on a machine
 
 
 def check_checkpoint_dir(path: str | Path | None) -> tuple[Path, Path]:
-    """The directory and its weights file; a one-line error naming what is missing."""
+    """The directory and its weights file; a one-line error naming what is missing or broken."""
     if not path:
         raise ValueError(f"dataset cifar10 needs --checkpoint DIR (a diffusers UNet2DModel directory); {WHERE}")
     path = Path(path)
@@ -36,7 +36,21 @@ def check_checkpoint_dir(path: str | Path | None) -> tuple[Path, Path]:
         missing.append(" or ".join(WEIGHT_FILES))
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}; {WHERE}")
+    for name in ("config.json", "scheduler_config.json"):
+        read_json(path / name)
     return path, weights
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON config as a mapping; a one-line error naming the file when it is broken."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint file {path} is not valid JSON ({' '.join(str(e).split())}); the file is "
+                         f"corrupt or truncated: restore it; {WHERE}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"checkpoint file {path} holds a {type(data).__name__}, not a config mapping; {WHERE}")
+    return data
 
 
 def _ddpm_scheduler(path: Path):
@@ -57,15 +71,16 @@ def checkpoint_noise_schedule(path: str | Path | None) -> NoiseScheduleVP:
     if not path or not (Path(path) / "scheduler_config.json").is_file():
         raise ValueError(f"checkpoint {path} lacks scheduler_config.json; {WHERE}")
     path = Path(path)
+    read_json(path / "scheduler_config.json")
     return NoiseScheduleVP("discrete", betas=_ddpm_scheduler(path).betas.to(torch.float64))
 
 
 def load_unet_checkpoint(path: str | Path | None):
     """(UNet2DModel in eval mode, NoiseScheduleVP from its betas, model_type) from a directory."""
     path, _ = check_checkpoint_dir(path)
+    config = read_json(path / "config.json")
     scheduler = _ddpm_scheduler(path)
     from diffusers import UNet2DModel
-    config = json.loads((path / "config.json").read_text())
     if config.get("_class_name") != "UNet2DModel":
         raise ValueError(f"checkpoint {path} holds a {config.get('_class_name')!r}, not a UNet2DModel; {WHERE}")
     try:
@@ -102,8 +117,8 @@ def cifar10_source(checkpoint: str | Path | None = None, inception_weights: str 
         return metric
 
     cfg = unet.config
-    identity = digest({"weights": file_digest(weights), "config": json.loads((path / "config.json").read_text()),
-                        "scheduler": json.loads((path / "scheduler_config.json").read_text())})
+    identity = digest({"weights": file_digest(weights), "config": read_json(path / "config.json"),
+                        "scheduler": read_json(path / "scheduler_config.json")})
     shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
     return ModelSource(f"unet:{path.name}", lambda labels: model_wrapper(network, ns, model_type=model_type),
                        ns, shape, identity, make_metric, info={"checkpoint": str(path), "model_type": model_type}, networks=(unet,))

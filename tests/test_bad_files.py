@@ -1,0 +1,154 @@
+"""Corrupt, foreign or inconsistent files get one clear line, from the library and the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ats.cli import main
+from ats.discretize import get_timesteps
+from ats.evaluate import load_schedule_file
+from ats.methods.common import FitResult
+from ats.methods.results import load_result, save_result, save_schedule_json
+from ats.models.gmm import gmm_source
+
+GMM = ["--dataset", "gmm", "--preset", "2d"]
+
+
+def schedule(steps: int = 4, solver: str = "uni_pc") -> FitResult:
+    ts = get_timesteps(gmm_source(dim=2).noise_schedule, "edm", steps)
+    return FitResult("ld3", solver, None, steps, timesteps=ts, info={"epochs": 1})
+
+
+def json_file(path: Path, **changes) -> Path:
+    """A real schedule.json of ``schedule()``, with ``changes`` (None deletes a key)."""
+    data = schedule().to_json()
+    for key, value in changes.items():
+        data.pop(key) if value is None else data.__setitem__(key, value)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def torch_file(path: Path, edit=None) -> Path:
+    """A real result.pt of ``schedule()``; ``edit(state)`` changes what is saved."""
+    save_result(schedule(), path)
+    if edit is not None:
+        state = torch.load(path, weights_only=True)
+        torch.save(edit(state), path)
+    return path
+
+
+def drop(key):
+    return lambda state: {k: v for k, v in state.items() if k != key}
+
+
+def cases(tmp: Path) -> list[tuple[Path, str]]:
+    """(file, the start of its error after the path)."""
+    ts6 = get_timesteps(gmm_source(dim=2).noise_schedule, "edm", 5).tolist()
+    (tmp / "text.pt").write_text("not a torch file")
+    (tmp / "broken.json").write_text('{"method": "ld3", "solver": ')
+    torch.save([1, 2, 3], tmp / "list.pt")
+    (tmp / "truncated.pt").write_bytes(torch_file(tmp / "whole.pt").read_bytes()[:200])
+    return [
+        (tmp / "text.pt", ": not a torch file written by ats (UnpicklingError"),
+        (tmp / "truncated.pt", ": not a torch file written by ats ("),
+        (tmp / "list.pt", ": holds a list, not a fit result"),
+        (torch_file(tmp / "no-method.pt", drop("method")), ": lacks method, so it is no fit result"),
+        (torch_file(tmp / "no-steps.pt", drop("steps")), ": lacks steps, so it is no fit result"),
+        (torch_file(tmp / "short.pt", lambda s: {**s, "timesteps": s["timesteps"][:-1]}),
+         ": timesteps has shape (4,), but 4 steps take 5 times"),
+        (tmp / "broken.json", ": not a readable JSON file (Expecting value: line 1 column 29"),
+        (json_file(tmp / "no-method.json", method=None), ": lacks method, so it is no fit result"),
+        (json_file(tmp / "no-solver.json", solver=None), ": lacks solver, so it is no fit result"),
+        (json_file(tmp / "more-times.json", timesteps=ts6), ": timesteps has shape (6,), but 4 steps take 5 times"),
+        (json_file(tmp / "wrong-nfe.json", steps=5, timesteps=ts6), ": nfe 4 does not match its 5 steps of uni_pc"),
+        (json_file(tmp / "words.json", timesteps=["a", "b"]), ": timesteps must be a list of numbers"),
+        (json_file(tmp / "bad-solver.json", solver="nope"), ": not a valid fit result (ValueError: "),
+    ]
+
+
+def test_library_loaders_name_the_file_and_the_problem(tmp_path):
+    for path, expected in cases(tmp_path):
+        loader = load_schedule_file if path.suffix == ".json" else load_result
+        with pytest.raises(ValueError) as e:
+            loader(path)
+        message = str(e.value)
+        assert message.startswith(f"{path}{expected}") and "\n" not in message, message
+        if "written by" not in expected and "JSON" not in expected:
+            assert message.endswith(("result.pt or schedule.json written by `ats fit` or `ats search`",
+                                     "fix steps or the times", "fix nfe or the times (steps + 1 of them)"))
+    assert load_schedule_file(json_file(tmp_path / "good.json")).nfe == 4
+    assert load_result(torch_file(tmp_path / "good.pt")).steps == 4
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--n", "8"], ["export"], ["sample", "--n", "4"]])
+def test_cli_refuses_bad_schedule_files_with_one_line(tmp_path, command):
+    for path, expected in cases(tmp_path):
+        out = CliRunner().invoke(main, [*command, "--schedule", str(path), *GMM, "--cache", str(tmp_path / "c")])
+        error = out.output.split("Error: ", 1)[-1]
+        assert out.exit_code == 2 and error.count("\n") == 1, out.output
+        assert " ".join(error.split()).startswith(f"Invalid value for --schedule: {path}{expected}"), out.output
+    assert not (tmp_path / "c").exists()   # refused before any work
+
+
+def test_nfe_mismatch_is_not_scored_at_the_wrong_nfe(tmp_path):
+    """Times of 5 steps under a file saying 4 steps: refused, not evaluated as NFE 4."""
+    ts6 = get_timesteps(gmm_source(dim=2).noise_schedule, "edm", 5).tolist()
+    path = json_file(tmp_path / "s.json", timesteps=ts6)
+    out = CliRunner().invoke(main, ["evaluate", "--schedule", str(path), *GMM, "--n", "8"])
+    assert out.exit_code == 2 and "timesteps has shape (6,), but 4 steps take 5 times" in out.output
+
+
+def test_baseline_beyond_its_limits_is_refused_before_any_work(tmp_path):
+    path = tmp_path / "s.json"
+    save_schedule_json(schedule(steps=100), path)
+    out = CliRunner().invoke(main, ["evaluate", "--schedule", str(path), *GMM, "--baselines", "edm,gits",
+                                    "--cache", str(tmp_path / "c")])
+    assert out.exit_code == 2 and "Invalid value for --baselines: baseline gits: gits picks its steps from a fine " \
+        "grid of 60 intervals, so it takes at most 60 steps, not 100" in " ".join(out.output.split())
+    out = CliRunner().invoke(main, ["sample", "--schedule", str(path), *GMM, "--baseline", "gits",
+                                    "--out", str(tmp_path / "x.png")])
+    assert out.exit_code == 2 and "baseline gits: gits picks its steps" in out.output
+    assert not (tmp_path / "c").exists()
+    out = CliRunner().invoke(main, ["fit", "--method", "gits", *GMM, "--nfe", "1000", "--out", str(tmp_path / "r")])
+    assert out.exit_code == 2 and "takes at most 60 steps, not 1000; lower the NFE" in out.output
+
+
+def test_non_finite_guidance_scale_is_refused(tmp_path):
+    path = json_file(tmp_path / "s.json")
+    for value in ("nan", "inf", "-inf"):
+        out = CliRunner().invoke(main, ["sample", "--schedule", str(path), "--dataset", "digits",
+                                        "--guidance-scale", value])
+        assert out.exit_code == 2 and f"model.guidance_scale: must be a number, got {value.lstrip('-')}" \
+            in out.output.replace("-inf", "inf"), out.output
+
+
+def checkpoint(folder: Path, config: str) -> Path:
+    """A diffusers checkpoint folder whose config.json holds ``config``."""
+    folder.mkdir()
+    (folder / "config.json").write_text(config)
+    (folder / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+        "prediction_type": "epsilon"}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_broken_checkpoint_config_names_the_file(tmp_path):
+    from ats.models.diffusers_unet import cifar10_source
+    broken = checkpoint(tmp_path / "broken", '{"_class_name": "UNet2DModel", "in_channels": 3,')
+    with pytest.raises(ValueError) as e:
+        cifar10_source(broken)
+    message = str(e.value)
+    assert message.startswith(f"checkpoint file {broken / 'config.json'} is not valid JSON (Expecting")
+    assert "corrupt or truncated" in message and "\n" not in message
+    listed = checkpoint(tmp_path / "listed", "[1, 2]")
+    with pytest.raises(ValueError, match=r"config\.json holds a list, not a config mapping"):
+        cifar10_source(listed)
+    out = CliRunner().invoke(main, ["sample", "--schedule", str(json_file(tmp_path / "s.json")),
+                                    "--dataset", "cifar10", "--checkpoint", str(broken)])
+    assert out.exit_code == 2 and f"checkpoint file {broken / 'config.json'} is not valid JSON" \
+        in " ".join(out.output.split())

@@ -254,8 +254,9 @@ def test_two_runs_of_a_study_reach_the_same_table(tmp_path):
     assert tables[0] == tables[1]
 
 
-def test_search_on_a_two_node_ray_cluster(tmp_path):
-    """A head and a worker node (one CPU each) on loopback: two concurrent trials land on both."""
+def test_search_on_a_two_node_ray_cluster(tmp_path, ray_tmpdir):
+    """A head and a worker node (one CPU each) on loopback: two concurrent trials land on both.
+    The cluster lives in a private Ray temp folder; its current-cluster file goes with it."""
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:

@@ -205,9 +205,9 @@ class StudyTracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
         check_reachable(uri)
         self.uri = uri
-        self.client = RetryingClient(MlflowClient(tracking_uri=uri), uri, retry_seconds())
         self.parent_id: str | None = None
-        with store_lock(uri):
+        with store_lock(uri):   # the client creates a new database's schema
+            self.client = RetryingClient(MlflowClient(tracking_uri=uri), uri, retry_seconds())
             self._open_experiment(experiment, artifact_location)
 
     def _open_experiment(self, experiment: str, artifact_location: str | None) -> None:

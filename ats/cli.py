@@ -375,7 +375,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 @click.option("--optuna-storage", default=None,
               help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal file (*.log); "
                    "default sqlite in the study folder.")
-@click.option("--address", default=None, help="Ray cluster address (`auto` for the running cluster; or RAY_ADDRESS).")
+@click.option("--address", default=None,
+              help="Ray cluster address (`auto` for the running cluster; or RAY_ADDRESS); default a new local Ray instance.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Where study folders go (must be shared storage on a cluster).")
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)

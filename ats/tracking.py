@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 

@@ -408,7 +408,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 @click.option("--optuna-storage", default=None,
               help="Optuna storage: an RDB URL (sqlite:///..., postgresql://...) or a journal file (*.log); "
                    "default sqlite in the study folder.")
-@click.option("--address", default=None, help="Ray cluster address (`auto` for the running cluster; or RAY_ADDRESS).")
+@click.option("--address", default=None,
+              help="Ray cluster address (`auto` for the running cluster; or RAY_ADDRESS); default a new local Ray instance.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Where study folders go (must be shared storage on a cluster).")
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)
@@ -417,8 +418,6 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
            seed,
            cpus_per_trial, gpus_per_trial, max_concurrent, max_failures, model_flags, tracking_uri, optuna_storage, address, out, cache, no_live) -> None:
     """Search schedules for a study: Ray Tune trials, Optuna hyperparameters, MLflow runs."""
-    import os
-
     from ats.study import StudyError, load_study, study_path
     from ats.tracking import TrackingError
     from ats.trial import check_inputs
@@ -445,10 +444,9 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
     from ats import tune
     try:
         folder = resume or tune.new_study_dir(out, study)
-        _, interrupted = tune.search(study, folder, tracking_uri, optuna_storage,
-                                     address or os.environ.get("RAY_ADDRESS") or None,
+        _, interrupted = tune.search(study, folder, tracking_uri, optuna_storage, address,
                                      resume=resume is not None, cache=cache, live=not no_live)
-    except TrackingError as e:
+    except (TrackingError, tune.SearchError) as e:
         raise click.ClickException(str(e))
     if interrupted:
         raise SystemExit(130)
@@ -466,8 +464,15 @@ def server(backend_store_uri, artifacts_destination, host, port, workers) -> Non
     """Start an MLflow tracking server (then: ats search --tracking-uri http://HOST:PORT)."""
     import os
 
-    from ats.tracking import serve
-    args = serve(backend_store_uri, artifacts_destination, host, port, workers)
+    from ats.tracking import TrackingError, check_port_free, exposed_warning, serve
+    try:
+        args = serve(backend_store_uri, artifacts_destination, host, port, workers)
+        warning = exposed_warning(host)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+        check_port_free(host, port)
+    except TrackingError as e:
+        raise click.ClickException(str(e))
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")   # GenAI job workers: not used by ats
     click.echo(f"MLflow tracking server on http://{host}:{port} (backend {backend_store_uri}, "
                f"artifacts {artifacts_destination})")

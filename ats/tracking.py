@@ -7,7 +7,9 @@ SQLite database, ``./mlflow.db``, as in MLflow 3; no server is needed for it.
 """
 from __future__ import annotations
 
+import fcntl
 import http.client
+import ipaddress
 import os
 import re
 import shlex
@@ -18,8 +20,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import unquote, urlparse
 
 from mlflow.entities import Metric, Param, RunTag
@@ -39,10 +42,16 @@ KEY_TAG = "ats.key"
 RESULT_ARTIFACT = "result/result.pt"
 STUDY_ARTIFACT = "study.yaml"   # the resolved study, on a search's parent run
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+RETRY_ENV = "ATS_TRACKING_RETRY_S"   # how long the driver retries a tracking server that stopped answering
+RETRY_S = 120.0
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message names the URI and the fix."""
+
+
+class TrackingLost(TrackingError):
+    """The tracking server stopped answering for longer than the retry time."""
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -132,6 +141,60 @@ def log_run_metrics(run_id: str, tracking_uri: str | None, metrics: dict[str, fl
         client.log_batch(run_id, metrics=chunk)
 
 
+def retry_seconds() -> float:
+    """How long a call to a tracking server that stopped answering is retried (``$ATS_TRACKING_RETRY_S``)."""
+    return float(os.environ.get(RETRY_ENV) or RETRY_S)
+
+
+class RetryingClient:
+    """An ``MlflowClient`` whose calls are retried while the tracking server does not answer,
+    for up to ``seconds``; then ``TrackingLost``. Errors of a server that answers pass through."""
+
+    def __init__(self, client: MlflowClient, uri: str, seconds: float) -> None:
+        self.client, self.uri, self.seconds = client, uri, seconds
+
+    def __getattr__(self, name: str) -> Callable:
+        call = getattr(self.client, name)
+        return lambda *args, **kwargs: self._retry(call, args, kwargs)
+
+    def _retry(self, call: Callable, args: tuple, kwargs: dict) -> Any:
+        deadline = time.monotonic() + self.seconds
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except (MlflowException, OSError) as e:
+                if not self._lost():
+                    raise
+                if time.monotonic() > deadline:
+                    raise TrackingLost(f"MLflow tracking server at {self.uri} did not answer for "
+                                       f"{self.seconds:.0f} s ({str(e).splitlines()[0][:200]})") from e
+                time.sleep(1.0)
+
+    def _lost(self) -> bool:
+        try:
+            check_reachable(self.uri, timeout=5.0)
+            return False
+        except TrackingError:
+            return True
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a SQLite store, an exclusive lock beside the database while the first process
+    creates its schema and experiments (two searches on a brand-new database); else nothing."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(unquote(uri[len("sqlite:///"):].split("?")[0]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class StudyTracker:
     """One experiment per study (tag ``mlflow.experimentKind=custom_model_development`` so the
     MLflow 3 UI shows it as model training, not GenAI), one parent run per ``ats search``, one
@@ -142,27 +205,37 @@ class StudyTracker:
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
         check_reachable(uri)
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         self.parent_id: str | None = None
+        with store_lock(uri):   # the client creates a new database's schema
+            self.client = RetryingClient(MlflowClient(tracking_uri=uri), uri, retry_seconds())
+            self._open_experiment(experiment, artifact_location)
+
+    def _open_experiment(self, experiment: str, artifact_location: str | None) -> None:
+        """The study's experiment, created if missing (another search may create it at the same moment)."""
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
-            self.experiment_id = self.client.create_experiment(
-                experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        elif found.lifecycle_stage != "active":
-            raise TrackingError(f"MLflow experiment {experiment!r} at {uri} is deleted; restore it with "
+            try:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                return
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                found = self.client.get_experiment_by_name(experiment)
+        if found.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment {experiment!r} at {self.uri} is deleted; restore it with "
                                 f"`mlflow experiments restore --experiment-id {found.experiment_id}` "
                                 "or choose another study name")
-        else:
-            self.experiment_id = found.experiment_id
-            if EXPERIMENT_KIND_TAG not in found.tags:
-                self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
     def start_parent(self, name: str, params: dict, tags: dict, run_id: str | None = None) -> str:
         """Create the search's parent run, or reopen ``run_id`` (resume); returns its id."""
         if run_id is None:
             run_id = self._create(name, tags)
         else:
-            run = self.client.get_run(run_id)
+            run = self.run(run_id)
             if run.info.experiment_id != self.experiment_id:
                 raise TrackingError(f"run {run_id} at {self.uri} belongs to experiment {run.info.experiment_id}, "
                                     f"not {self.experiment_id}; resume with the study it was started with")
@@ -171,6 +244,16 @@ class StudyTracker:
         self.parent_id = run_id
         self._log(run_id, params, tags)
         return run_id
+
+    def run(self, run_id: str):
+        """The run ``run_id`` (``mlflow.entities.Run``); TrackingError if this store does not hold it."""
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise TrackingError(f"no run {run_id} at {self.uri}; resume with the tracking store the study was "
+                                "started with (--tracking-uri)") from e
 
     def child(self, key: str, name: str, params: dict, tags: dict) -> str:
         """The parent's child run tagged ``ats.key = key``: reused if it exists (reopened if it
@@ -214,6 +297,12 @@ class StudyTracker:
         if status not in STATUSES:
             raise ValueError(f"run status must be one of {', '.join(STATUSES)}, got {status!r}")
         self.client.set_terminated(run_id, status)
+
+    def end_running(self, status: str = "KILLED") -> None:
+        """Mark the parent's child runs still RUNNING (left by a search that died) as ``status``."""
+        for run in self.children():
+            if run.info.status == "RUNNING":
+                self.finish(run.info.run_id, status)
 
     def children(self) -> list:
         """The parent's child runs (``mlflow.entities.Run``), oldest first."""
@@ -305,6 +394,30 @@ def load_run_study(run_id: str, tracking_uri: str | None = None) -> Study:
             raise TrackingError(f"cannot fetch {STUDY_ARTIFACT} of run {parent} (the parent of {run_id}) from {uri} "
                                 f"({e})") from e
         return load_study(path)
+
+
+def exposed_warning(host: str) -> str | None:
+    """Why serving on ``host`` is unsafe, unless it is a loopback address: MLflow has no
+    authentication, so whoever reaches the port can read and change every run."""
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (f"MLflow has no authentication: anyone who can reach {host} can read, change and delete every run; "
+            "bind to a private interface only your cluster reaches, or put `mlflow server --app-name basic-auth` "
+            "or a reverse proxy with authentication in front (mlflow_server/README.md)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """TrackingError naming the port when something already listens on ``host:port``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server's own socket: TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise TrackingError(f"cannot serve on {host}:{port}: {e.strerror or e}; stop what listens there "
+                                "or give another --port") from e
 
 
 def serve(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000,

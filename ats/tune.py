@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import ray
 from ray import tune
@@ -44,6 +45,10 @@ BOARD = "ats-progress"
 NAMESPACE = "ats"
 REPORT = "report.json"   # a finished trial's reported metrics, inside its checkpoint
 TRAINABLE = "run_trial"  # the trainable's name in Tune's experiment state: a study restores only under it
+
+
+class SearchError(RuntimeError):
+    """The search cannot start or go on; the message names the cause and the fix."""
 
 
 # --- Optuna ------------------------------------------------------------------------------
@@ -226,13 +231,36 @@ def prepare_teacher(study: dict, cache: str) -> None:
 
 # --- the driver ----------------------------------------------------------------------------------
 
+def trial_run(tracker: tracking.StudyTracker, trial_id: str, config: dict, study: dict) -> str:
+    """A trial's MLflow child run (created, or reused on resume); returns its id."""
+    cell = Cell.of(config)
+    params = {**cell._asdict(), "trial_id": trial_id, "hyperparameters": trial_params(config), "study": study}
+    return tracker.child(trial_run_key(trial_id), f"{cell.label} {trial_id}", params,
+                         run_tags("trial", cell, study["dataset"]))
+
+
+def log_trial(tracker: tracking.StudyTracker, run_id: str, result: dict, folder: Path | None) -> None:
+    """A finished trial's metrics, loss curves and result folder on its run, then FINISHED."""
+    tracker.log_metrics(run_id, {k: result[k] for k in LOGGED if k in result})
+    if folder is not None:
+        history = folder / "history.json"
+        if history.exists():
+            tracker.log_history(run_id, json.loads(history.read_text()))
+        tracker.log_artifacts(run_id, folder, "result")
+    tracker.finish(run_id, "FINISHED")
+
+
 class TrackingCallback(tune.Callback):
     """Driver-side: one MLflow child run per trial (the only MLflow writer), and the live table.
-    Pickled with the Tuner (for resume): the client and the display are rebuilt on setup."""
+    Pickled with the Tuner (for resume): the client and the display are rebuilt on setup, the
+    tracking URI and parent run read from the study folder's state.json (a resume may move them).
+    If the tracking server is lost, Tune is stopped as Ctrl-C stops it (its state saved, every
+    trial resumable) and ``lost`` holds the error."""
 
-    def __init__(self, uri: str, experiment: str, parent_id: str, study: dict, live: bool = True) -> None:
-        self.uri, self.experiment, self.parent_id, self.study = uri, experiment, parent_id, study
-        self.live = live
+    lost: tracking.TrackingLost | None = None   # set in the driver process, read by run_trials
+
+    def __init__(self, folder: str, study: dict, live: bool = True) -> None:
+        self.folder, self.study, self.live = folder, study, live
         self.runs: dict[str, str] = {}
         self._tracker = self._display = None
 
@@ -245,8 +273,9 @@ class TrackingCallback(tune.Callback):
     @property
     def tracker(self) -> tracking.StudyTracker:
         if self._tracker is None:
-            self._tracker = tracking.StudyTracker(self.uri, self.experiment)
-            self._tracker.start_parent(self.experiment, {}, {}, run_id=self.parent_id)
+            state = SearchState.load(Path(self.folder))
+            self._tracker = tracking.StudyTracker(state.tracking_uri, self.study["name"])
+            self._tracker.parent_id = state.parent_run_id
         return self._tracker
 
     def setup(self, **info) -> None:
@@ -256,38 +285,42 @@ class TrackingCallback(tune.Callback):
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            cell = Cell.of(trial.config)
-            params = {**cell._asdict(), "trial_id": trial.trial_id, "hyperparameters": trial_params(trial.config),
-                      "study": self.study}
-            name = f"{cell.label} {trial.trial_id}"
-            self.runs[trial.trial_id] = self.tracker.child(trial_run_key(trial.trial_id), name, params,
-                                                           run_tags("trial", cell, self.study["dataset"]))
+            self.runs[trial.trial_id] = trial_run(self.tracker, trial.trial_id, trial.config, self.study)
         return self.runs[trial.trial_id]
 
+    def _logged(self, log: Callable[[], object]) -> None:
+        """``log()`` unless the tracking server was lost; on losing it, stop Tune through its
+        own SIGUSR1 handler (the one Ctrl-C takes); what was not logged is caught up on resume."""
+        if TrackingCallback.lost is not None:
+            return
+        try:
+            log()
+        except tracking.TrackingLost as e:
+            if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                raise
+            TrackingCallback.lost = e
+            os.kill(os.getpid(), signal.SIGUSR1)
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run(trial)
+        self._logged(lambda: self._run(trial))
         self._display.update(trial, "RUNNING")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self._display.update(trial, "RETRYING")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run_id, result = self._run(trial), trial.last_result
-        self.tracker.log_metrics(run_id, {k: result[k] for k in LOGGED if k in result})
-        if trial.checkpoint is not None:
-            folder = Path(trial.checkpoint.path)
-            history = folder / "history.json"
-            if history.exists():
-                self.tracker.log_history(run_id, json.loads(history.read_text()))
-            self.tracker.log_artifacts(run_id, folder, "result")
-        self.tracker.finish(run_id, "FINISHED")
-        self._display.update(trial, "DONE", result)
+        folder = Path(trial.checkpoint.path) if trial.checkpoint is not None else None
+        self._logged(lambda: log_trial(self.tracker, self._run(trial), trial.last_result, folder))
+        self._display.update(trial, "DONE", trial.last_result)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        run_id = self._run(trial)
         error = (trial.error_file and Path(trial.error_file).read_text().strip().splitlines() or ["error"])[-1]
-        self.tracker.set_tag(run_id, "ats.error", error[:5000])
-        self.tracker.finish(run_id, "FAILED")
+
+        def log() -> None:
+            run_id = self._run(trial)
+            self.tracker.set_tag(run_id, "ats.error", error[:5000])
+            self.tracker.finish(run_id, "FAILED")
+        self._logged(log)
         self._display.update(trial, "FAILED", {"error": error})
 
     def on_step_end(self, iteration, trials, **info) -> None:
@@ -321,67 +354,170 @@ class SearchState:
 
 
 def new_study_dir(root: Path, study: Study) -> Path:
-    """runs/<study>-<date>-<time>, unique."""
+    """runs/<study>-<date>-<time>, created here (empty) so that two searches started at the
+    same moment never share it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder = root / f"{study.name}-{stamp}"
-    k = 1
-    while folder.exists():
-        k += 1
-        folder = root / f"{study.name}-{stamp}-{k}"
-    return folder
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        folder = root / (f"{study.name}-{stamp}" + (f"-{k}" if k > 1 else ""))
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise SearchError(f"no free study folder name under {root} for {study.name}-{stamp}; give another --out")
+
+
+def check_trusted(folder: Path) -> None:
+    """Refuse to resume a study folder that someone else could have written: resuming
+    unpickles Tune's state from it, so it is trusted like code."""
+    uid = os.getuid()
+    for path in _folder_files(folder):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid != uid:
+            raise SearchError(f"refusing to resume {folder}: {path} belongs to user id {st.st_uid}, not you, and "
+                              "resuming unpickles it; resume a copy (cp -r) only if you trust who wrote it")
+        if st.st_mode & 0o022:
+            raise SearchError(f"refusing to resume {folder}: {path} is writable by group or others, and resuming "
+                              f"unpickles it; if you trust its contents, run `chmod -R go-w {folder}` and resume again")
+
+
+def _folder_files(folder: Path) -> Iterator[Path]:
+    """The folder and every folder and file under it (Tune's state, trial checkpoints, state.json)."""
+    yield folder
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            yield Path(root, name)
+
+
+def ray_address(address: str | None) -> str:
+    """A cluster only when one is named (``address``, else $RAY_ADDRESS); otherwise "local": a
+    new Ray instance of this search's own, never the cluster Ray's current-cluster file names."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def start_ray(address: str | None, study: Study) -> bool:
+    """Ray for the search, checked to have room for a trial; whether it was started here (and
+    is to be shut down when the search ends)."""
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address(address), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False, namespace=NAMESPACE)
+    try:
+        check_resources(study)
+    except SearchError:
+        if started:
+            ray.shutdown()
+        raise
+    return started
+
+
+def check_resources(study: Study) -> None:
+    """Stop before any task when no node of the Ray cluster has a trial's CPUs and GPUs (Ray
+    would wait for them forever)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    need = {"CPU": study.cpus_per_trial, "GPU": study.gpus_per_trial}
+    if any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+        return
+    most = {k: max((node.get(k, 0) for node in nodes), default=0) for k in need}
+    raise SearchError(f"a trial needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs on one node, but the largest "
+                      f"node of the Ray cluster has {most['CPU']:g} CPUs and {most['GPU']:g} GPUs; lower "
+                      "--cpus-per-trial/--gpus-per-trial (the study's resources) or add a node that has them")
+
+
+def _client_defaults() -> None:
+    """Tune's own status tables off (ats draws its own); MLflow's HTTP retries short, so that
+    the driver's own bounded retry (``tracking.retry_seconds``) decides when a server is lost."""
+    for key, value in (("RAY_AIR_NEW_OUTPUT", "0"), ("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0"),
+                       ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+        os.environ.setdefault(key, value)
 
 
 def search(study: Study, folder: Path, tracking_uri: str | None = None, optuna_url: str | None = None,
            address: str | None = None, resume: bool = False, cache: Path | None = None, live: bool = True,
            console=None) -> tuple[list[Row], bool]:
     """Run (or, with ``resume``, finish) a study in ``folder``; returns the final table's rows
-    and whether it stopped (Ctrl-C) before every trial finished."""
+    and whether it stopped (Ctrl-C) before every trial finished. Ray is joined only at
+    ``address`` (or $RAY_ADDRESS), else started for this search alone and shut down at its end."""
     from .report import console as report_console
     console = console or report_console()
     folder = folder.resolve()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # Tune's own status tables off: ats draws its own
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    _client_defaults()
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if resume:
-        state = SearchState.load(folder)
-        study = load_study(folder / "study.yaml")
-    else:
-        folder.mkdir(parents=True, exist_ok=False)
-        write_study(study, folder / "study.yaml")
-        state = SearchState(tracking.resolve_tracking_uri(tracking_uri),
-                            optuna_url or f"sqlite:///{folder / 'optuna.db'}", folder.name)
-    tracking.check_reachable(state.tracking_uri)
-    cache = (cache or Path(DEFAULT_CACHE)).resolve()
-    spec = study.to_dict()
+    try:
+        if resume:
+            check_trusted(folder)
+            state = SearchState.load(folder)
+            study = load_study(folder / "study.yaml")
+            state.tracking_uri = tracking.resolve_tracking_uri(tracking_uri) if tracking_uri else state.tracking_uri
+        else:
+            state = SearchState(tracking.resolve_tracking_uri(tracking_uri),
+                                optuna_url or f"sqlite:///{folder / 'optuna.db'}", folder.name)
+        tracking.check_reachable(state.tracking_uri)
+        started = start_ray(address, study)
+        try:
+            return run_study(study, folder, state, resume, (cache or Path(DEFAULT_CACHE)).resolve(), live, console)
+        except tracking.TrackingLost as e:
+            raise SearchError(f"{e}; nothing that finished is lost: start the tracking server again, then resume "
+                              f"the study with `ats search --resume {folder}` (add --tracking-uri if it moved)") from e
+        finally:
+            if started:
+                ray.shutdown()
+    finally:
+        if not resume and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()   # reserved by new_study_dir, nothing written
 
+
+def run_study(study: Study, folder: Path, state: SearchState, resume: bool, cache: Path, live: bool,
+              console) -> tuple[list[Row], bool]:
+    """``search`` once Ray runs: baselines, trials, the chosen trials' evaluation, the table."""
+    if not resume:
+        folder.mkdir(parents=True, exist_ok=True)
+        if any(folder.iterdir()):
+            raise SearchError(f"{folder} is not empty; give a new study folder, or --resume it")
+        write_study(study, folder / "study.yaml")
+    spec = study.to_dict()
     tracker = tracking.StudyTracker(state.tracking_uri, study.name)
-    state.parent_run_id = tracker.start_parent(
-        folder.name, {"study": spec}, {"ats.kind": "search", "dataset": study.dataset, "study_dir": str(folder),
-                                       "git_commit": tracking.git_commit() or "unknown"},
-        run_id=state.parent_run_id)
+    state.parent_run_id = open_parent(tracker, study, spec, folder, state.parent_run_id)
+    tracker.end_running("KILLED")   # left by a search that died: reopened when their trial runs again
     state.save(folder)
     tracker.log_artifact(state.parent_run_id, folder / "study.yaml")   # the resolved study
     console.print(f"study [bold]{study.name}[/]: {len(study.cells())} cells x {study.trials} trials, "
                   f"{len(study.baseline_cells())} baselines; folder {folder}")
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=False,
-                 namespace=NAMESPACE)
     ray.get(prepare_teacher.options(num_cpus=study.cpus_per_trial, num_gpus=study.gpus_per_trial)
             .remote(spec, str(cache)))
     baselines = run_baselines(study, spec, folder, state, tracker, cache, console)
-
-    trials, interrupted = run_trials(study, spec, folder, state, cache, resume, live)
+    try:
+        trials, interrupted = run_trials(study, spec, folder, state, tracker, cache, resume, live)
+    except SearchError:
+        tracker.end_running("FAILED")
+        tracker.finish(state.parent_run_id, "FAILED")
+        raise
     chosen = evaluate_chosen(study, spec, folder, state, tracker, cache, trials, console)
     rows = summarize(study, folder, baselines, chosen, tracker, state.parent_run_id)
-    if interrupted:   # trials stopped mid-fit: their runs are reopened by --resume
-        for run in tracker.children():
-            if run.info.status == "RUNNING":
-                tracker.finish(run.info.run_id, "KILLED")
+    tracker.end_running("KILLED")   # trials stopped mid-fit (Ctrl-C): their runs are reopened by --resume
     tracker.finish(state.parent_run_id, "KILLED" if interrupted else "FINISHED")
     print_table(console, study, rows, folder, interrupted, tracking.runs_url(tracker.uri, tracker.experiment_id))
     return rows, interrupted
+
+
+def open_parent(tracker: tracking.StudyTracker, study: Study, spec: dict, folder: Path, run_id: str | None) -> str:
+    """The search's parent run: new, or (resume) ``run_id`` after checking that no other study
+    folder holds it (a copied folder must not reopen the original's runs)."""
+    if run_id is not None:
+        owner = tracker.run(run_id).data.tags.get("study_dir")
+        if owner and owner != str(folder) and Path(owner, "state.json").exists():
+            raise SearchError(f"the MLflow runs named in {folder / 'state.json'} belong to the study folder {owner} "
+                              f"(is {folder} a copy?); resume {owner} instead, or start a new search")
+    tags = {"ats.kind": "search", "dataset": study.dataset, "study_dir": str(folder),
+            "git_commit": tracking.git_commit() or "unknown"}
+    return tracker.start_parent(folder.name, {"study": spec}, tags, run_id=run_id)
 
 
 def run_baselines(study: Study, spec: dict, folder: Path, state: SearchState, tracker, cache: Path,
@@ -415,12 +551,14 @@ def _trainable(study: Study, spec: dict, cache: Path):
     return tune.with_resources(trainable, {"cpu": study.cpus_per_trial, "gpu": study.gpus_per_trial})
 
 
-def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache: Path, resume: bool,
-               live: bool) -> tuple[list[TrialRecord], bool]:
+def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, tracker: tracking.StudyTracker,
+               cache: Path, resume: bool, live: bool) -> tuple[list[TrialRecord], bool]:
     """The Tuner over every cell: the trials that finished, and whether it stopped before all
-    trials ended."""
+    trials ended. Raises TrackingLost when the tracking server was lost, SearchError when
+    every trial failed."""
     path = folder / "ray" / EXPERIMENT
     trainable = _trainable(study, spec, cache)
+    TrackingCallback.lost = None
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
@@ -429,18 +567,57 @@ def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, cache
         searcher = _searcher_class()(CellSpace(study), metric=METRIC, mode="min",
                                 storage=optuna_storage(state.optuna_storage), study_name=state.optuna_study,
                                 sampler=optuna_sampler(study.sampler, study.seed))
-        callback = TrackingCallback(state.tracking_uri, study.name, state.parent_run_id, spec, live)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, study.max_concurrent, batch=True),
                                         num_samples=study.trials * len(study.cells())),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder / "ray"), verbose=0,
-                                      callbacks=[callback],
+                                      callbacks=[TrackingCallback(str(folder), spec, live)],
                                       failure_config=tune.FailureConfig(max_failures=study.max_failures),
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
     grid = tuner.fit()
+    if TrackingCallback.lost is not None:
+        raise TrackingCallback.lost
+    sync_runs(tracker, spec, grid)
+    records = _records(grid)
     finished = sum(1 for r in grid if r.error is not None or METRIC in (r.metrics or {}))
-    return _records(grid), finished < study.trials * len(study.cells())
+    interrupted = finished < study.trials * len(study.cells())
+    if not interrupted:
+        end_stale_trials(state)
+        if not records:
+            errors = [r.error for r in grid if r.error is not None]
+            raise SearchError(f"every trial failed ({len(errors)} trials), so there is nothing to choose; the last "
+                              f"error: {_last_line(errors[-1]) if errors else 'none'}; fix it and start a new search")
+    return records, interrupted
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [x for x in str(error).strip().splitlines() if x.strip()]
+    return (lines or [type(error).__name__])[-1][:500]
+
+
+def sync_runs(tracker: tracking.StudyTracker, spec: dict, grid) -> None:
+    """MLflow caught up with Tune: the run of every trial that finished is FINISHED with its
+    metrics and result folder (a trial can finish while the tracking server is lost)."""
+    logged = {r.data.tags.get(tracking.KEY_TAG) for r in tracker.children() if r.info.status == "FINISHED"}
+    for r in grid:
+        metrics = r.metrics or {}
+        if r.error is None and METRIC in metrics and trial_run_key(metrics["trial_id"]) not in logged:
+            run_id = trial_run(tracker, metrics["trial_id"], r.config, spec)
+            log_trial(tracker, run_id, metrics, Path(r.checkpoint.path) if r.checkpoint is not None else None)
+
+
+def end_stale_trials(state: SearchState) -> None:
+    """Optuna trials still RUNNING once every Tune trial has ended (asked by a search that
+    died, never told) are marked FAIL."""
+    import optuna
+    storage = optuna_storage(state.optuna_storage)
+    try:
+        study = optuna.load_study(study_name=state.optuna_study, storage=storage)
+    except KeyError:
+        return
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
 
 
 def _records(grid) -> list[TrialRecord]:

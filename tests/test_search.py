@@ -83,13 +83,17 @@ def optuna_states(folder: Path) -> list[str]:
     return sorted(t.state.name for t in study.trials)
 
 
-def worker_pids(marker: str) -> list[int]:
-    """Processes whose command line (Ray sets it to the actor's name) contains ``marker``."""
+def worker_pids(marker: str, session: int) -> list[int]:
+    """Processes of the session ``session`` (an `ats` process from ``start`` and the Ray
+    processes it started) whose command line (Ray sets it to the actor's name) contains
+    ``marker``; Ray workers of other searches on the machine, or still exiting from an
+    earlier test, are not counted."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                if marker in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                        os.getsid(int(proc.name)) == session:
                     pids.append(int(proc.name))
             except OSError:
                 pass
@@ -113,9 +117,9 @@ def test_search_with_the_default_local_tracking_store_and_a_killed_trial(tmp_pat
     log = tmp_path / "search.log"
     proc = start(["search", "--study", "tiny.yaml", "--no-live"], tmp_path, log)
     try:
-        wait_for(lambda: worker_pids("ImplicitFunc"), 180, "a trial started", proc, log)
+        wait_for(lambda: worker_pids("ImplicitFunc", proc.pid), 180, "a trial started", proc, log)
         time.sleep(1.0)
-        victim = worker_pids("ImplicitFunc")[0]
+        victim = worker_pids("ImplicitFunc", proc.pid)[0]
         os.kill(victim, signal.SIGKILL)
         assert proc.wait(300) == 0, log.read_text()[-4000:]
     finally:
@@ -220,7 +224,7 @@ def test_ctrl_c_stops_the_search_and_resume_finishes_it(tmp_path):
     log = tmp_path / "search.log"
     proc = start(["search", "--study", "tiny.yaml", "--no-live"], tmp_path, log)
     try:
-        wait_for(lambda: worker_pids("ImplicitFunc"), 180, "a trial started", proc, log)
+        wait_for(lambda: worker_pids("ImplicitFunc", proc.pid), 180, "a trial started", proc, log)
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(120) == 130, log.read_text()[-3000:]
     finally:
@@ -254,8 +258,9 @@ def test_two_runs_of_a_study_reach_the_same_table(tmp_path):
     assert tables[0] == tables[1]
 
 
-def test_search_on_a_two_node_ray_cluster(tmp_path):
-    """A head and a worker node (one CPU each) on loopback: two concurrent trials land on both."""
+def test_search_on_a_two_node_ray_cluster(tmp_path, ray_tmpdir):
+    """A head and a worker node (one CPU each) on loopback: two concurrent trials land on both.
+    The cluster lives in a private Ray temp folder; its current-cluster file goes with it."""
     from ray.cluster_utils import Cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:

@@ -9,6 +9,7 @@ import click
 from ats.discretize import FIXED, KINDS
 from ats.evaluate import EVAL_SAMPLES, L2_SAMPLES
 from ats.methods import METHODS
+from ats.solvers import MAX_NFE
 from ats.teacher import DEFAULT_CACHE, SPLIT_SIZE
 from ats.models.sources import DATASETS
 from ats.solvers import SOLVERS
@@ -20,8 +21,8 @@ def _int_list(ctx, param, value: str) -> list[int]:
         values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
-    if not values or min(values) < 1:
-        raise click.BadParameter("give at least one integer >= 1")
+    if not values or min(values) < 1 or max(values) > MAX_NFE:
+        raise click.BadParameter(f"give integers from 1 to {MAX_NFE}")
     return values
 
 
@@ -29,8 +30,10 @@ def _choice_list(choices):
     def parse(ctx, param, value: str) -> list[str]:
         values = [v.strip() for v in value.split(",") if v.strip()]
         bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise click.BadParameter(f"{', '.join(bad) or 'nothing'} not among {', '.join(choices)}")
+        if not values:
+            raise click.BadParameter(f"give at least one of {', '.join(choices)}")
+        if bad:
+            raise click.BadParameter(f"{', '.join(bad)} not among {', '.join(choices)}")
         return values
     return parse
 
@@ -205,7 +208,7 @@ def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, jso
 @click.option("--dataset", type=click.Choice(["digits"]), default="digits", show_default=True)
 @click.option("--classifier", is_flag=True, help="Train the FID feature classifier instead of the U-Net.")
 @click.option("--steps", default=12000, show_default=True, type=click.IntRange(1), help="U-Net training steps.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Where to write the weights (default: the shipped file inside the package).")
 def train_model(dataset, classifier, steps, seed, out) -> None:
@@ -238,7 +241,7 @@ def train_model(dataset, classifier, steps, seed, out) -> None:
 @dataset_options(default="digits")
 @click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
-@click.option("--nfe", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--nfe", default=20, show_default=True, type=click.IntRange(1, MAX_NFE))
 @click.option("--discretization", default="edm", show_default=True, type=click.Choice(KINDS))
 @click.option("--n", "n_samples", default=1000, show_default=True, type=click.IntRange(1, SPLIT_SIZE))
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
@@ -286,6 +289,10 @@ def check_out_folder(out: Path) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise click.BadParameter(f"cannot create or write {out}: {existing} is not a writable folder; choose "
                                  "another folder", param_hint="--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.BadParameter(f"cannot create {out} ({e.strerror}); choose another folder", param_hint="--out")
 
 
 def interrupted_note(method: str, info: dict, path: Path) -> str:
@@ -302,10 +309,10 @@ def interrupted_note(method: str, info: dict, path: Path) -> str:
 @dataset_options(default="digits")
 @click.option("--solver", default="uni_pc", show_default=True, type=click.Choice(tuple(SOLVERS)))
 @click.option("--order", default=None, type=int, help="Solver order (default: the solver's).")
-@click.option("--nfe", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--nfe", default=5, show_default=True, type=click.IntRange(1, MAX_NFE))
 @click.option("--n-train", default=50, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
               help="Training samples (seeds).")
-@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(1, SPLIT_SIZE),
+@click.option("--n-valid", default=50, show_default=True, type=click.IntRange(2, SPLIT_SIZE),
               help="Validation samples.")
 @click.option("--n-eval", default=EVAL_SAMPLES, show_default=True, type=click.IntRange(2, SPLIT_SIZE),
               help="Evaluation samples for the closing comparison (fresh seeds).")
@@ -314,7 +321,7 @@ def interrupted_note(method: str, info: dict, path: Path) -> str:
 @click.option("--teacher-discretization", default="edm", show_default=True, type=click.Choice(KINDS))
 @click.option("--option", "raw_options", multiple=True, metavar="KEY=VALUE",
               help="A method option, e.g. --option epochs=200 --option loss=pseudo_huber (repeatable).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--cache", type=click.Path(path_type=Path), default=Path(DEFAULT_CACHE), show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder (default runs/<method>-<dataset>-<solver>-nfe<N>).")
@@ -334,6 +341,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        if key in options:
+            raise click.BadParameter(f"{key} is given twice; keep one", param_hint="--option")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -434,6 +443,11 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
             if overrides or model_flags:
                 raise click.UsageError(f"--resume continues the study as it was; drop "
                                        f"{', '.join([*overrides, *model_flags])}")
+            if not (resume / "study.yaml").is_file() or not (resume / "state.json").is_file():
+                raise click.UsageError(f"{resume} is not a study folder of `ats search` (it lacks study.yaml or "
+                                       "state.json); give the folder a search printed (runs/<study>-<date>-<time>)")
+            from ats.tune import SearchState
+            SearchState.load(resume)
             study = load_study(resume / "study.yaml")
         else:
             study = load_study(study_file or study_path(dataset))
@@ -534,7 +548,8 @@ def _fit_options(f):
 @click.option("--start", default=None, type=click.IntRange(0),
               help="First evaluation sample; default: just past the study's evaluation seeds (--run), 0 (--schedule: "
                    "the seeds `ats fit` compared on).")
-@click.option("--baselines", default=None, callback=lambda c, p, v: v and _choice_list(BASELINES)(c, p, v),
+@click.option("--baselines", default=None,
+              callback=lambda c, p, v: None if v is None else _choice_list(BASELINES)(c, p, v),
               help="Comma-separated baselines; default: the study's (--run), all of them (--schedule).")
 @json_option("the rows (FID, 95 % interval, paired change against the best baseline)")
 def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, start, baselines, json_path) -> None:
@@ -644,7 +659,11 @@ def export(result, source, study, run_id, tracking_uri, cache, fmt, out, batch) 
     except ExportError as e:
         raise click.UsageError(str(e))
     snippet = diffusers_snippet(data)
-    out = write_atomic(out or Path("diffusers_schedule.json"),
+    out = out or Path("diffusers_schedule.json")
+    if out.is_dir() or not out.parent.is_dir():
+        raise click.BadParameter(f"{out} is a folder or lies in no folder; give a file path in an existing folder",
+                                 param_hint="--out")
+    out = write_atomic(out,
                        lambda tmp: tmp.write_text(json.dumps({**data, "snippet": snippet}, indent=2) + "\n"))
     if "timesteps" in data:
         click.echo(f"timesteps = {data['timesteps']}  (rounded to training steps: up to "

@@ -46,7 +46,8 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
     if name in KINDS:
         steps = steps_for_nfe(solver, nfe)
         return FitResult(name, solver, order, steps, timesteps=get_timesteps(source.noise_schedule, name, steps,
-                                                                             dtype=source.dtype))
+                                                                             dtype=source.dtype),
+                         info={"source": source.name})
     from .methods import fit_method
     return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
 
@@ -151,8 +152,13 @@ def _times(value: object, path: Path, name: str) -> Tensor:
 
 
 def check_fits(source: ModelSource, result: FitResult) -> None:
-    """A one-line ValueError unless the fit can drive ``source``: a predictor's input shape and
-    classes, a schedule's times inside the model's time range."""
+    """A one-line ValueError unless the fit can drive ``source``: the model it was fitted on
+    (where the result records it), a predictor's input shape and classes, a schedule's times
+    strictly decreasing and inside the model's time range."""
+    fitted_on = result.info.get("source")
+    if fitted_on is not None and fitted_on != source.name:
+        raise ValueError(f"the fit was made for {fitted_on}, not {source.name}: give the dataset and model options "
+                         "it was fitted with (--dataset, --preset, --guidance-scale, ...)")
     if result.predictor is not None:
         config = getattr(result.predictor, "config", {})
         if tuple(config.get("shape", source.shape)) != tuple(source.shape):
@@ -166,6 +172,11 @@ def check_fits(source: ModelSource, result: FitResult) -> None:
         value = getattr(result, name)
         if value is not None:
             check_time_range(source.noise_schedule, value.to(torch.float64), f"the fit's {name}")
+    for name in ("timesteps", "per_sample"):
+        value = getattr(result, name)
+        if value is not None and not bool((value[..., 1:] < value[..., :-1]).all()):
+            raise ValueError(f"the fit's {name} are not strictly decreasing (t_0 > t_1 > ... > t_N): the file was "
+                             "edited or is corrupt")
 
 
 def sample_seeds(result: FitResult, n: int, start: int | None) -> list[int]:

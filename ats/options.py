@@ -51,7 +51,8 @@ def join(path: str, key: str) -> str:
 @dataclass(frozen=True)
 class Option:
     """One option: the value types it takes (``KINDS``), its default, and optionally the
-    strings it allows (``choices``) and a lower bound (``low``; exclusive when ``strict``)."""
+    strings it allows (``choices``), a lower bound (``low``; exclusive when ``strict``) and an
+    upper one (``high``)."""
     name: str
     kinds: frozenset[str]
     default: Any = None
@@ -59,6 +60,7 @@ class Option:
     low: float | None = None
     strict: bool = False
     help: str = ""
+    high: float | None = None     # inclusive upper bound
 
     def parse(self, value: Any, path: str) -> Any:
         """``value`` checked against this option (numbers finite and within bounds); the
@@ -81,6 +83,8 @@ class Option:
     def _bounded(self, value: float, path: str) -> float:
         if self.low is not None and (value <= self.low if self.strict else value < self.low):
             fail(path, f"must be {'>' if self.strict else '>='} {self.low:g}, got {value!r}")
+        if self.high is not None and value > self.high:
+            fail(path, f"must be <= {self.high:g}, got {value!r}")
         return value
 
 

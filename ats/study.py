@@ -26,7 +26,7 @@ from .models.sources import DATASETS, get_dataset
 from .noise import NoiseSchedule
 from .options import (Option, OptionError, choice, did_you_mean, fail, integer, join, mapping, number,
                       parse_options)
-from .solvers import steps_for_nfe
+from .solvers import MAX_NFE, steps_for_nfe
 from .solvers.sampling import SOLVERS, solver_spec
 from .teacher import SPLIT_SIZE, TeacherConfig
 
@@ -221,6 +221,8 @@ def load_study(path: str | Path) -> Study:
     except OSError as e:
         raise StudyError(f"{path}: cannot read the study file ({e.strerror or e}); "
                          "pass an existing YAML file with --study (format: studies/README.md)") from None
+    except UnicodeDecodeError:
+        raise StudyError(f"{path}: not a text file; a study is a YAML file (format: studies/README.md)") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except _DuplicateKey as e:
@@ -296,6 +298,9 @@ class _Reader:
         if not isinstance(value, list) or not value:
             fail("nfes", f"must be a non-empty list of integers >= 1, got {value!r}")
         out = tuple(integer(v, f"nfes[{i}]", 1) for i, v in enumerate(value))
+        for i, n in enumerate(out):
+            if n > MAX_NFE:
+                fail(f"nfes[{i}]", f"must be at most {MAX_NFE} (ats fits few-step schedules), got {n}")
         if len(set(out)) != len(out):
             fail("nfes", f"lists an NFE twice: {value!r}")
         for i, n in enumerate(out):
@@ -364,8 +369,9 @@ class _Reader:
                 fail(f"{path}.values", f"lists a value twice: {values!r}")
             return Param(name, kind, values=out)
         if kind == "int":
-            if not kinds & {"int", "float"}:
-                fail(f"{path}.type", f"{leaf} takes {'/'.join(sorted(kinds))}; use type choice")
+            if "int" not in kinds:
+                other = "uniform or loguniform" if "float" in kinds else "choice"
+                fail(f"{path}.type", f"{leaf} takes {'/'.join(sorted(kinds))}, not an integer; use type {other}")
             low, high = (integer(entry[k], f"{path}.{k}") for k in ("low", "high"))
             log = entry.get("log", False)
             if not isinstance(log, bool):

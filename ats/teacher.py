@@ -25,8 +25,7 @@ from torch import Tensor
 from .atomic import write_atomic
 from .discretize import get_timesteps
 from .models.base import ModelSource
-from .solvers import steps_for_nfe
-from .solvers import sample, solver_spec
+from .solvers import near_nfes, sample, solver_spec, steps_for_nfe
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE = ".ats-cache/teacher"   # where teacher targets are cached unless told otherwise
@@ -57,7 +56,8 @@ class TeacherConfig:
         spec, _ = solver_spec(self.solver, self.order)
         steps = steps_for_nfe(self.solver, self.nfe)
         if steps is None:
-            raise ValueError(f"solver {self.solver} cannot spend exactly {self.nfe} network calls")
+            raise ValueError(f"solver {self.solver} cannot spend exactly {self.nfe} network calls; it can spend "
+                             f"{near_nfes(self.solver, self.nfe)}")
         return get_timesteps(source.noise_schedule, self.discretization, steps)
 
 
@@ -97,7 +97,11 @@ def teacher_dir(source: ModelSource, config: TeacherConfig, cache: str | Path,
             raise ValueError(f"teacher cache {root} was written by another model or ats version "
                              f"({found.get('name')}, format {found.get('format')}); delete {root} to rebuild it")
     else:
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"teacher cache {cache}: cannot create {root} ({e.strerror}); choose another --cache "
+                             "folder") from None
         write_atomic(manifest, lambda tmp: tmp.write_text(json.dumps(key, indent=2, sort_keys=True)))
     return root
 

@@ -350,7 +350,11 @@ class SearchState:
         path = folder / "state.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: --resume takes a study folder written by `ats search`")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a study state written by `ats search` ({type(e).__name__}); the folder "
+                             "is damaged: start a new search") from None
 
 
 def new_study_dir(root: Path, study: Study) -> Path:

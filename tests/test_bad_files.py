@@ -152,3 +152,61 @@ def test_broken_checkpoint_config_names_the_file(tmp_path):
                                     "--dataset", "cifar10", "--checkpoint", str(broken)])
     assert out.exit_code == 2 and f"checkpoint file {broken / 'config.json'} is not valid JSON" \
         in " ".join(out.output.split())
+
+
+def one_line_error(args: list[str], *needles: str) -> None:
+    """The command exits 2 with one ``Error:`` line holding every needle, and no traceback."""
+    result = CliRunner().invoke(main, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and all(n in text for n in needles), result.output
+
+
+def test_sweep_of_bad_paths_and_values_gives_one_line(tmp_path):
+    """Inputs a sweep of the CLI found ending in a traceback, a hang or a silent result."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fit = ["fit", "--method", "ld3", *GMM, "--solver", "uni_pc", "--nfe", "4", "--n-train", "8", "--n-valid", "8",
+           "--option", "epochs=1", "--cache", str(tmp_path / "cache")]
+    one_line_error([*fit[:-2], "--cache", str(afile), "--out", str(tmp_path / "o1")], "teacher cache", "--cache")
+    one_line_error([*fit, "--out", str(tmp_path / "o2"), "--option", "epochs=2"], "epochs is given twice")
+    one_line_error([*fit[:10], "100000", *fit[11:], "--out", str(tmp_path / "o3")], "--nfe", "1<=x<=1000")
+    one_line_error(["compare", "--dataset", "gmm", "--dim", "100000000"], "model.dim: must be <= 1024")
+    one_line_error([*fit, "--seed", "-1", "--out", str(tmp_path / "o4")], "--seed")
+    one_line_error([*fit[:-2], "--n-valid", "1", "--out", str(tmp_path / "o5")], "--n-valid")
+    one_line_error(["compare", *GMM, "--solvers", ","], "give at least one of ddim")
+    one_line_error(["teacher", *GMM, "--solver", "heun", "--nfe", "4", "--n", "8", "--cache", str(tmp_path / "c")],
+                   "cannot spend exactly 4 network calls; it can spend 3 or 5")
+    if Path("/proc").is_dir():   # a folder nobody can create in, even root
+        one_line_error([*fit, "--out", "/proc/ats-out"], "cannot create /proc/ats-out")
+    good = json_file(tmp_path / "good.json")
+    one_line_error(["export", "--schedule", str(good), "--out", str(tmp_path)], "is a folder")
+    one_line_error(["evaluate", "--schedule", str(good), *GMM, "--baselines", ""], "give at least one of")
+    rising = json_file(tmp_path / "rising.json", timesteps=schedule().timesteps.flip(0).tolist())
+    one_line_error(["sample", "--schedule", str(rising), *GMM, "--out", str(tmp_path / "s.png")],
+                   "not strictly decreasing")
+
+
+def test_a_fit_is_not_used_with_another_model(tmp_path):
+    """A result records the model it was fitted on; export/evaluate/sample refuse another."""
+    from ats.methods import fit_method
+    result = fit_method("dmn", gmm_source(dim=2), "uni_pc", 4)
+    assert result.info["source"] == "gmm-2d-8k-s0"
+    save_result(result, tmp_path / "result.pt")
+    one_line_error(["export", "--schedule", str(tmp_path / "result.pt"), "--out", str(tmp_path / "x.json")],
+                   "the fit was made for gmm-2d-8k-s0, not digits")
+
+
+def test_study_and_resume_mistakes_give_one_line(tmp_path):
+    from ats.study import StudyError, load_study
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(StudyError, match="binary.yaml: not a text file"):
+        load_study(binary)
+    (tmp_path / "empty").mkdir()
+    one_line_error(["search", "--resume", str(tmp_path / "empty")], "is not a study folder of `ats search`")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "study.yaml").write_text("dataset: gmm\n")
+    (broken / "state.json").write_text("{broken")
+    one_line_error(["search", "--resume", str(broken)], "state.json is not a study state")

@@ -390,3 +390,10 @@ def test_non_finite_yaml_numbers_are_refused_from_a_file(tmp_path):
     path.write_text(text)
     with pytest.raises(StudyError, match=r"inf\.yaml: methods\.ld3\.space\.lr\.high: must be a number, got inf"):
         load_study(path)
+
+
+def test_an_integer_range_on_a_float_option_is_refused():
+    doc = edited("methods/ld3/space/lr", {"type": "int", "low": 1, "high": 5})
+    assert "methods.ld3.space.lr.type: lr takes float, not an integer; use type uniform or loguniform" in error(doc)
+    doc = edited("nfes", [5, 2000])
+    assert "nfes[1]: must be at most 1000" in error(doc)

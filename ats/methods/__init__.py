@@ -68,7 +68,9 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
         raise ValueError(reason)
     parsed = parse_method_options(method, options)
     ctx = FitContext(source, solver, steps, order, n_train, n_valid, teacher, cache, seed, device, progress)
-    return m.fit(ctx, **parsed)
+    result = m.fit(ctx, **parsed)
+    result.info.setdefault("source", source.name)   # the model it belongs to: checked where it is used
+    return result
 
 
 __all__ = ["METHODS", "SEARCHABLE", "Method", "FitContext", "OptionError", "fit_method", "get_method",

@@ -96,9 +96,10 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset("gmm", {
         "preset": Option("preset", _STR_OR_NONE, "16d", tuple(GMM_PRESETS),
                          help="gmm: a named size (2d: 2 dims 8 components, 16d: 16/8, 64d: 64/16)."),
-        "dim": Option("dim", _INT_OR_NONE, None, low=1, help="gmm: dimension (overrides the preset's)."),
-        "components": Option("components", _INT_OR_NONE, None, low=1,
-                             help="gmm: number of components (overrides the preset's)."),
+        "dim": Option("dim", _INT_OR_NONE, None, low=1, high=1024,
+                      help="gmm: dimension, at most 1024 (overrides the preset's)."),
+        "components": Option("components", _INT_OR_NONE, None, low=1, high=1024,
+                             help="gmm: number of components, at most 1024 (overrides the preset's)."),
         "seed": Option("seed", frozenset({"int"}), 0, low=0, help="gmm: seed of the random mixture."),
     }, _gmm, lambda **options: NoiseScheduleVP("linear"), has_real_data=True, flags={"seed": "mixture-seed"}),
     Dataset("digits", {

@@ -60,6 +60,14 @@ def solver_spec(solver: str, order: int | None = None) -> tuple[SolverSpec, int]
     return spec, order
 
 
+MAX_NFE = 1000   # network calls per sample any command or study accepts (a few-step tool; the teacher uses 20)
+
+
+def near_nfes(solver: str, nfe: int) -> str:
+    """The network-call counts next to ``nfe`` that ``solver`` can spend ("3 or 5"), for errors."""
+    return " or ".join(str(m) for m in (nfe - 1, nfe + 1) if m >= 1 and steps_for_nfe(solver, m) is not None)
+
+
 def nfe(solver: str, steps: int) -> int:
     """Network calls of ``steps`` steps of ``solver`` (``SolverSpec.nfe``)."""
     return solver_spec(solver)[0].nfe(steps)

@@ -49,7 +49,7 @@ def test_bad_flags_give_one_line_errors():
     result = runner.invoke(main, ["compare", "--solvers", "dpm"])
     assert result.exit_code == 2 and "dpm not among" in result.output
     result = runner.invoke(main, ["compare", "--nfe", "0"])
-    assert result.exit_code == 2 and "integer >= 1" in result.output
+    assert result.exit_code == 2 and "give integers from 1 to 1000" in result.output
 
 
 def test_teacher_command_caches_and_draws_a_grid(tmp_path):

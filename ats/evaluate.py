@@ -47,7 +47,7 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
         steps = steps_for_nfe(solver, nfe)
         return FitResult(name, solver, order, steps, timesteps=get_timesteps(source.noise_schedule, name, steps,
                                                                              dtype=source.dtype),
-                         info={"source": source.name})
+                         info=model_info(source))
     from .methods import fit_method
     return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
 
@@ -151,14 +151,21 @@ def _times(value: object, path: Path, name: str) -> Tensor:
     return t
 
 
+def model_info(source: ModelSource) -> dict[str, str]:
+    """What a result records of the model it was fitted on (``check_fits`` compares it)."""
+    return {"source": source.name, "noise_schedule": repr(source.noise_schedule)}
+
+
 def check_fits(source: ModelSource, result: FitResult) -> None:
-    """A one-line ValueError unless the fit can drive ``source``: the model it was fitted on
-    (where the result records it), a predictor's input shape and classes, a schedule's times
-    strictly decreasing and inside the model's time range."""
-    fitted_on = result.info.get("source")
-    if fitted_on is not None and fitted_on != source.name:
-        raise ValueError(f"the fit was made for {fitted_on}, not {source.name}: give the dataset and model options "
-                         "it was fitted with (--dataset, --preset, --guidance-scale, ...)")
+    """A one-line ValueError unless the fit can drive ``source``: the noise schedule of the
+    model it was fitted on (where the result records it: times mean nothing on another), a
+    predictor's input shape and classes, a schedule's times strictly decreasing and inside the
+    model's time range."""
+    fitted = result.info.get("noise_schedule")
+    if fitted is not None and fitted != repr(source.noise_schedule):
+        raise ValueError(f"the fit was made for {result.info.get('source')}, whose noise schedule ({fitted}) is not "
+                         f"{source.name}'s: give the dataset and model options it was fitted with (--dataset, "
+                         "--preset, ...)")
     if result.predictor is not None:
         config = getattr(result.predictor, "config", {})
         if tuple(config.get("shape", source.shape)) != tuple(source.shape):

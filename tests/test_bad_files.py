@@ -194,7 +194,7 @@ def test_a_fit_is_not_used_with_another_model(tmp_path):
     assert result.info["source"] == "gmm-2d-8k-s0"
     save_result(result, tmp_path / "result.pt")
     one_line_error(["export", "--schedule", str(tmp_path / "result.pt"), "--out", str(tmp_path / "x.json")],
-                   "the fit was made for gmm-2d-8k-s0, not digits")
+                   "the fit was made for gmm-2d-8k-s0, whose noise schedule", "is not digits's")
 
 
 def test_study_and_resume_mistakes_give_one_line(tmp_path):

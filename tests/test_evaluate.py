@@ -125,7 +125,7 @@ def test_schedule_files_match_the_run(search, tmp_path):
     predictor = client.download_artifacts(ids["oneshot"], "result/result.pt", str(tmp_path / "p"))
     done = invoke(["sample", "--schedule", predictor, "--dataset", "gmm", "--preset", "16d",
                    "--out", str(tmp_path / "x.png")])
-    assert done.exit_code == 2 and "inputs of shape (2,)" in done.output
+    assert done.exit_code == 2 and "inputs of shape (2,)" in done.output, done.output
 
 
 def test_digits_schedule_from_ats_fit(tmp_path):

@@ -69,7 +69,8 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     parsed = parse_method_options(method, options)
     ctx = FitContext(source, solver, steps, order, n_train, n_valid, teacher, cache, seed, device, progress)
     result = m.fit(ctx, **parsed)
-    result.info.setdefault("source", source.name)   # the model it belongs to: checked where it is used
+    for key, value in (("source", source.name), ("noise_schedule", repr(source.noise_schedule))):
+        result.info.setdefault(key, value)   # the model it belongs to: ats.evaluate.check_fits compares it
     return result
 
 

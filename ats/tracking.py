@@ -426,10 +426,10 @@ def serve(backend_store_uri: str, artifacts_destination: str, host: str = "127.0
     postgresql), artifacts proxied by the server into ``artifacts_destination`` (so clients
     need no access to it). Clients that reach the server by a name other than localhost or a
     private IP need that name in ``$MLFLOW_SERVER_ALLOWED_HOSTS``."""
+    if not backend_store_uri.startswith("sqlite:///") and not urlparse(backend_store_uri).scheme.startswith("postgresql"):
+        raise TrackingError(f"the server's --backend-store-uri must be a database (sqlite:///path/to/mlflow.db or "
+                            f"postgresql://user@host/db), got {backend_store_uri!r}")
     store = resolve_tracking_uri(backend_store_uri)
-    if store.startswith(("http://", "https://")):
-        raise TrackingError(f"the server's backend store must be a database (sqlite:/// or postgresql://), "
-                            f"got {store}")
     if "://" not in artifacts_destination:
         artifacts_destination = str(Path(artifacts_destination).resolve())
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,

@@ -210,3 +210,9 @@ def test_study_and_resume_mistakes_give_one_line(tmp_path):
     (broken / "study.yaml").write_text("dataset: gmm\n")
     (broken / "state.json").write_text("{broken")
     one_line_error(["search", "--resume", str(broken)], "state.json is not a study state")
+
+
+@pytest.mark.parametrize("uri", ["nope://x", "http://localhost:5000"])
+def test_server_names_its_own_flag_for_a_store_that_is_no_database(uri):
+    result = CliRunner().invoke(main, ["server", "--backend-store-uri", uri, "--port", "5998"])
+    assert result.exit_code == 1 and "--backend-store-uri must be a database" in result.output, result.output

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .solvers import steps_for_nfe
 from .discretize import FIXED, KINDS, check_time_range, get_timesteps
+from .methods import METHODS, fit_method
 from .methods.common import FitResult
 from .methods.results import GIVE, load_result, result_from_data, sample_result
 from .intervals import FidEstimate
@@ -47,15 +48,13 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
         steps = steps_for_nfe(solver, nfe)
         return FitResult(name, solver, order, steps, timesteps=get_timesteps(source.noise_schedule, name, steps,
                                                                              dtype=source.dtype),
-                         info=model_info(source))
-    from .methods import fit_method
+                         info=source.model_info())
     return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
 
 
 def baseline_problem(source: ModelSource, result: FitResult, name: str) -> str | None:
     """Why baseline ``name`` cannot run at the fit's solver and steps (GITS beyond its fine
     grid, DMN with another solver), or None."""
-    from .methods import METHODS
     if name not in METHODS:
         return None
     return METHODS[name].unsupported((result.solver,), (result.steps,), source.real_data is not None)
@@ -149,11 +148,6 @@ def _times(value: object, path: Path, name: str) -> Tensor:
     if t is None or t.ndim != 1:
         raise ValueError(f"{path}: {name} must be a list of numbers, got {str(value)[:60]}; {GIVE}")
     return t
-
-
-def model_info(source: ModelSource) -> dict[str, str]:
-    """What a result records of the model it was fitted on (``check_fits`` compares it)."""
-    return {"source": source.name, "noise_schedule": repr(source.noise_schedule)}
 
 
 def check_fits(source: ModelSource, result: FitResult) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..models.base import ModelSource
-from ..options import OptionError, Schema, parse_options
+from ..options import OptionError, Schema, did_you_mean, parse_options
 from ..solvers import steps_for_nfe
 from ..teacher import DEFAULT_CACHE, TeacherConfig
 from .base import FitContext, Method, Progress
@@ -34,7 +34,6 @@ SEARCHABLE = tuple(name for name, m in METHODS.items() if m.searchable)
 def get_method(name: str) -> Method:
     """The registered method ``name``; unknown names get a one-line error."""
     if name not in METHODS:
-        from ..options import did_you_mean
         raise ValueError(f"unknown method {name!r}{did_you_mean(name, METHODS)}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
@@ -69,7 +68,7 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     parsed = parse_method_options(method, options)
     ctx = FitContext(source, solver, steps, order, n_train, n_valid, teacher, cache, seed, device, progress)
     result = m.fit(ctx, **parsed)
-    for key, value in (("source", source.name), ("noise_schedule", repr(source.noise_schedule))):
+    for key, value in source.model_info().items():
         result.info.setdefault(key, value)   # the model it belongs to: ats.evaluate.check_fits compares it
     return result
 

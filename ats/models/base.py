@@ -39,6 +39,10 @@ class ModelSource:
             net.to(device)
         return self
 
+    def model_info(self) -> dict[str, str]:
+        """What a fit records of the model it was made on (``ats.evaluate.check_fits`` compares it)."""
+        return {"source": self.name, "noise_schedule": repr(self.noise_schedule)}
+
     @property
     def model_fn(self) -> ModelFn:
         """The unconditional model."""

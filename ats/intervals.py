@@ -110,6 +110,15 @@ class Change:
 NO_CHANGE = Change(math.nan, math.nan, math.nan)
 
 
+def paired_mean_change(new: np.ndarray, old: np.ndarray) -> Change:
+    """Relative change (%) of the mean of per-sample values ``new`` against ``old`` on the same
+    samples: 100 mean(new - old) / mean(old), with the normal 95 % interval of the paired mean."""
+    new, old = np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64)
+    d, scale = new - old, 100. / old.mean()
+    half = Z95 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return Change(d.mean() * scale, (d.mean() - half) * scale, (d.mean() + half) * scale)
+
+
 @dataclass
 class FidEstimate:
     """A FID with the bootstrap replicates it came with; ``seeds`` names the seed set (split,

@@ -27,7 +27,7 @@ def search(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("search")
     lr = {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}
     methods = {"ld3": {"options": {"epochs": 3}, "space": lr},
-               "oneshot": {"options": {"epochs": 2, "ld3": {"epochs": 2}}, "space": lr},
+               "oneshot": {"options": {"epochs": 2, "fallback": False, "ld3": {"epochs": 2}}, "space": lr},
                "oracle": {"options": {"iterations": 5, "restarts": 0, "ld3": {"epochs": 2}}, "space": lr}}
     tiny_study(root / "tiny.yaml", trials=1, methods=methods, data={"n_train": 32, "n_valid": 16, "n_select": 48,
                                                                      "n_eval": N_EVAL})

@@ -154,3 +154,44 @@ def test_ctrl_c_in_the_starting_ld3_fit_returns_ld3s_best_state(tmp_path, method
                      options={"ld3": {"epochs": 50}})
     assert res.method == "ld3" and res.info["interrupted"] and res.info["interrupted_in"] == "ld3_start"
     assert res.info["epochs"] == 2 and (res.timesteps.diff() < 0).all()
+
+
+def test_predictors_start_exactly_at_the_global_schedule_with_its_offsets(setup):
+    """An untrained one-shot predictor samples as LD3 does (schedule and conditioning offsets);
+    an untrained delta predictor walks LD3's schedule."""
+    from ats.methods.common import FitResult
+    from ats.methods.results import sample_result
+    source, train, valid = setup
+    ld3 = fit_ld3(source, train, valid, "uni_pc", 4, epochs=3, xi_lr=0.05)
+    assert ld3.cond_timesteps is not None and not torch.equal(ld3.cond_timesteps, ld3.timesteps)
+    base, xi = torch.tensor(ld3.info["theta"]), ld3.cond_timesteps - ld3.timesteps
+    x = valid.latents
+    expected = sample_result(source, ld3, x)[0]
+    one = fit_predictor("oneshot", source, train, valid, "uni_pc", 4, base=base, base_xi=xi, epochs=0)
+    out, ts = PredictorSampler(one.predictor, source, "uni_pc", None)(x)
+    torch.testing.assert_close(ts, ld3.timesteps.expand_as(ts), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    delta = fit_predictor("delta", source, train, valid, "uni_pc", 4, base=base, epochs=0)
+    _, times = PredictorSampler(delta.predictor, source, "uni_pc", None)(x)
+    torch.testing.assert_close(times, ld3.timesteps.expand_as(times), rtol=1e-5, atol=1e-6)
+    global_only = FitResult("ld3", "uni_pc", None, 4, timesteps=ld3.timesteps)
+    torch.testing.assert_close(sample_result(source, delta, x)[0], sample_result(source, global_only, x)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_predictor_no_better_than_its_start_falls_back_to_it(tmp_path):
+    """Through fit_method: an untrained predictor is the start, so the start is kept (and said
+    so); a trained one is kept only with a significant paired gain on the validation seeds."""
+    from ats.methods import fit_method
+    from ats.models.sources import load_source
+    source = load_source("gmm", preset="2d")
+    common = dict(n_train=32, n_valid=48, cache=tmp_path)
+    same = fit_method("oneshot", source, "uni_pc", 4, options={"epochs": 0, "ld3": {"epochs": 2}}, **common)
+    assert same.predictor is None and same.timesteps is not None and same.method == "oneshot"
+    assert same.info["vs_start"]["kept"] == "start" and same.info["vs_start"]["pct"] == pytest.approx(0, abs=1e-3)
+    ld3 = fit_method("ld3", source, "uni_pc", 4, options={"epochs": 2}, **common)
+    torch.testing.assert_close(same.timesteps, ld3.timesteps)
+    trained = fit_method("delta", source, "uni_pc", 4, options={"epochs": 5, "ld3": {"epochs": 2}}, **common)
+    record = trained.info["vs_start"]
+    assert (record["kept"] == "predictor") == (record["high"] < 0 and record["pct"] <= -0.5) and record["n"] == 48
+    assert (trained.predictor is not None) == (record["kept"] == "predictor")

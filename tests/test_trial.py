@@ -40,7 +40,9 @@ def test_every_method_gives_a_scored_result_folder(method, tmp_path):
     assert {"result.pt", "metrics.json", "history.json", "schedule.png"} <= files
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["fid_eval"] == m["fid_eval"]
     loaded = load_result(tmp_path / "out" / "result.pt")
-    if method in ("oracle", "oneshot", "delta"):   # per-sample schedules of the evaluation seeds
+    if method in ("oneshot", "delta"):   # a predictor, or its start where it was no better
+        assert loaded.info["vs_start"]["kept"] == ("predictor" if loaded.predictor is not None else "start")
+    if loaded.predictor is not None or loaded.tied_to_seeds:   # per-sample schedules of the evaluation seeds
         npz = np.load(tmp_path / "out" / "per_sample.npz")
         assert npz["timesteps"].shape == (48, 5) and npz["seeds"][0] == 20_000_000
         assert (np.diff(npz["timesteps"], axis=1) < 0).all()

@@ -1,15 +1,21 @@
 """Per-sample schedule predictors: from the starting noise x_T to that sample's schedule.
 
 - ``OneShotPredictor``: x_T (and a label) -> logits theta [N+1] in one pass; the schedule is
-  ``timesteps_from_logits(base + net(x_T))``, so an untrained net predicts the global
-  schedule ``base`` (e.g. LD3's).
+  ``timesteps_from_logits(base + net(x_T))`` with the network times offset by the global
+  schedule's ``base_xi`` (LD3's conditioning offsets), so an untrained net is exactly the
+  global schedule it starts from (e.g. LD3's).
 - ``DeltaPredictor``: recursive; at step k it sees (x_{t_k}, t_k, k) and picks the next
-  time as a fraction f_k = sigmoid(a_k) of the lambda distance still to go,
+  time as a fraction f_k = sigmoid(prior_k + a_k) of the lambda distance still to go,
   lambda_{k+1} = lambda_k + f_k (lambda_end - lambda_k), the last time fixed to t_end. The
-  bias makes f_k = 1 / (N - k) (the logSNR schedule) before training. Its inputs are
-  normalised: x / sqrt(alpha^2 + sigma^2), log sigma_bar_t and k / N.
+  prior makes an untrained net walk the global schedule it starts from (its fractions;
+  without one, f_k = 1 / (N - k): the logSNR schedule). Its inputs are normalised:
+  x / sqrt(alpha^2 + sigma^2), log sigma_bar_t and k / N. It does not carry conditioning
+  offsets: its times are chosen on the way, and so would the offsets' bounds be.
 Both train (a) by regression on oracle schedules or (b) end to end through the solver on
-the teacher loss, with validation, early stopping and the best checkpoint kept.
+the teacher loss, with validation, early stopping and the best checkpoint kept; the
+validation loss of the untrained net is the start's, so the kept checkpoint is never worse
+than the start there. ``_Predictor.fit`` then keeps the predictor only where the paired 95 %
+interval of its validation loss against the start's lies below zero, else the start.
 """
 from __future__ import annotations
 
@@ -22,8 +28,9 @@ from torch import Tensor, nn
 
 from ..losses import LOSS_NAMES, get_loss
 from ..models.base import ModelSource
-from ..options import declare
-from ..params import SPACES, timesteps_from_logits
+from ..options import Option, declare
+from ..intervals import paired_mean_change
+from ..params import SPACES, offset_cond_timesteps, timesteps_from_logits
 from ..solvers import Coeffs, NextTime, bind_solver, coeffs, sample
 from ..tensors import expand_dims
 from ..teacher import TeacherData
@@ -106,21 +113,31 @@ class Predictor(nn.Module):
 
 class OneShotPredictor(Predictor):
     """x_T (and a label) -> logits theta [N+1]. ``width`` None: ``auto_width(shape)``; the
-    width used is in ``config`` (with ``base`` in the state dict, enough to rebuild it)."""
+    width used is in ``config`` (with ``base`` and ``base_xi`` in the state dict, enough to
+    rebuild it)."""
 
     def __init__(self, shape: tuple[int, ...], steps: int, base: Tensor, num_classes: int = 0,
-                 width: int | None = None, dropout: float = 0.) -> None:
+                 width: int | None = None, dropout: float = 0., base_xi: Tensor | None = None) -> None:
         super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=0, outputs=steps + 1)
         self.register_buffer("base", base.detach().float().clone())
+        xi = torch.zeros(steps + 1) if base_xi is None else base_xi.detach().float().clone()
+        self.register_buffer("base_xi", xi)
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.base + self.head(self.features(x_T, labels))
+
+    def cond_timesteps(self, ts: Tensor) -> Tensor | None:
+        """The times the network sees: ``ts`` offset by the start's ``base_xi`` (None without offsets)."""
+        if not bool(self.base_xi.any()):
+            return None
+        return offset_cond_timesteps(ts, self.base_xi.to(ts.dtype).expand_as(ts))
 
     def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The solver on the one-shot schedules ``sampler.timesteps(x_T, labels)``."""
         ts, src = sampler.timesteps(x_T, labels), sampler.source
-        return sample(src.model_fn_for(labels), src.noise_schedule, x_T, ts, sampler.solver, order=sampler.order), ts
+        return sample(src.model_fn_for(labels), src.noise_schedule, x_T, ts, sampler.solver, order=sampler.order,
+                      cond_timesteps=self.cond_timesteps(ts)), ts
 
     def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
                         target_ts: Tensor) -> Tensor:
@@ -137,15 +154,16 @@ class DeltaPredictor(Predictor):
     None: ``auto_width(shape)``; the width used is in ``config``."""
 
     def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int | None = None,
-                 dropout: float = 0.) -> None:
+                 dropout: float = 0., base_lambdas: Tensor | None = None) -> None:
         super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=2, outputs=1)
+        self.register_buffer("prior", prior_logits(steps, base_lambdas))
 
     def fraction(self, x: Tensor, c: Coeffs, k: int, labels: Tensor | None = None) -> Tensor:
         """f_k in (0, 1) per sample from x at step k, c the coefficients at t_k ([B, 1, ...])."""
         alpha, sigma = c.alpha.reshape(-1), c.sigma.reshape(-1)
         h = self.features(x / expand_dims(torch.sqrt(alpha ** 2 + sigma ** 2), x.ndim), labels)
         extra = torch.stack([torch.log(sigma / alpha).float(), torch.full_like(sigma, k / self.steps).float()], 1)
-        logit = self.head(torch.cat([h, extra], 1)).squeeze(1) - math.log(self.steps - k - 1)
+        logit = self.head(torch.cat([h, extra], 1)).squeeze(1) + self.prior[k]
         return torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4).to(x.dtype)
 
     def _walk(self, sampler: PredictorSampler, x: Tensor, t: Tensor, labels: Tensor | None,
@@ -189,6 +207,16 @@ class DeltaPredictor(Predictor):
         return torch.stack(errors, 1).mean(1)
 
 
+def prior_logits(steps: int, lambdas: Tensor | None = None) -> Tensor:
+    """logit f_k for k < N-1 (float32): the fractions (lambda_{k+1} - lambda_k) / (lambda_N - lambda_k)
+    of a global schedule's ``lambdas`` [N+1], or without one 1 / (N - k) (logSNR): -log(N - k - 1)."""
+    if lambdas is None:
+        return torch.tensor([-math.log(steps - k - 1) for k in range(steps - 1)], dtype=torch.float32)
+    lam = lambdas.detach().double().cpu()
+    f = (lam[1:-1] - lam[:-2]) / (lam[-1] - lam[:-2])
+    return torch.logit(f.clamp(1e-6, 1 - 1e-6)).float()
+
+
 def load_predictor(saved: dict) -> Predictor:
     """Rebuild a predictor from what ``save_result`` stores for it (``{"class", "config",
     "state_dict"}``)."""
@@ -199,7 +227,7 @@ def load_predictor(saved: dict) -> Predictor:
     if saved["class"] == "OneShotPredictor":
         cfg["base"] = saved["state_dict"]["base"]
     net = classes[saved["class"]](tuple(cfg.pop("shape")), cfg.pop("steps"), **cfg)
-    net.load_state_dict(saved["state_dict"])
+    net.load_state_dict({**net.state_dict(), **saved["state_dict"]})   # files from before base_xi/prior: defaults
     return net.eval()
 
 
@@ -221,15 +249,18 @@ class PredictorSampler:
 
 def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: TeacherData, solver: str, steps: int,
                   order: int | None = None, objective: str = "end_to_end", oracle_train: Tensor | None = None,
-                  oracle_valid: Tensor | None = None, base: Tensor | None = None, space: str = "lambda",
+                  oracle_valid: Tensor | None = None, base: Tensor | None = None, base_xi: Tensor | None = None,
+                  space: str = "lambda",
                   loss: str = "l2", width: int | None = None, dropout: float = 0., epochs: int = 100,
                   batch_size: int = 64, lr: float = 1e-3, patience: int = 10, seed: int = 0,
                   progress: Progress | None = None) -> FitResult:
     """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits oracle
     schedules (``oracle_train``/``oracle_valid``, [B, N+1] times for the data's samples);
-    ``end_to_end`` minimises the teacher loss through the solver. Early stopping on the
-    validation teacher loss (the quantity that matters); the best checkpoint is returned.
-    ``width`` None sizes the encoder from the input (``auto_width``)."""
+    ``end_to_end`` minimises the teacher loss through the solver. Both start exactly at the
+    global schedule of logits ``base`` (the one-shot predictor also with its conditioning
+    offsets ``base_xi``; default: the logSNR schedule). Early stopping on the validation
+    teacher loss (the quantity that matters); the best checkpoint is returned, the start
+    itself where no epoch beat it. ``width`` None sizes the encoder from the input (``auto_width``)."""
     if kind not in ("oneshot", "delta"):
         raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
     if objective not in OBJECTIVES:
@@ -244,9 +275,11 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     classes = source.num_classes
     if kind == "oneshot":
         base = torch.zeros(steps + 1) if base is None else base
-        net = OneShotPredictor(source.shape, steps, base, classes, width, dropout)
+        net = OneShotPredictor(source.shape, steps, base, classes, width, dropout, base_xi)
     else:
-        net = DeltaPredictor(source.shape, steps, classes, width, dropout)
+        lambdas = None if base is None else source.noise_schedule.marginal_lambda(
+            timesteps_from_logits(base.double(), source.noise_schedule, space=space))
+        net = DeltaPredictor(source.shape, steps, classes, width, dropout, lambdas)
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     net = net.to(train.latents.device)
@@ -317,13 +350,17 @@ class _Predictor(Method):
     ``regression`` first fits the oracle on the training and validation samples."""
     nested = ("ld3", "oracle")
     options = declare(fit_predictor, ("kind", "source", "train", "valid", "solver", "steps", "order", "oracle_train",
-                                      "oracle_valid", "base", "seed", "progress"),
+                                      "oracle_valid", "base", "base_xi", "seed", "progress"),
                       choices={"objective": OBJECTIVES, "space": SPACES, "loss": LOSS_NAMES},
                       low={"epochs": 0, "batch_size": 1, "patience": 0, "dropout": 0, "width": 1},
-                      positive=("lr",), extra=(START_SAMPLES,))
+                      positive=("lr",),
+                      extra=(START_SAMPLES, Option("min_gain", frozenset({"float"}), 0.5, low=0,
+                                                   help="the validation gain (%) a predictor needs over its start"),
+                             Option("fallback", frozenset({"bool"}), True,
+                                    help="false: keep the predictor even where it is no better than its start")))
 
     def fit(self, ctx: FitContext, ld3: dict | None = None, oracle: dict | None = None, start_samples: int = 50,
-            **options: Any) -> FitResult:
+            min_gain: float = 0.5, fallback: bool = True, **options: Any) -> FitResult:
         start = ld3_start(ctx, ld3 or {}, start_samples)
         if start.info.get("interrupted"):
             return start   # stopped while fitting the starting schedule: that is the best state there is
@@ -333,9 +370,42 @@ class _Predictor(Method):
                 options[f"oracle_{split}"] = fit_oracle(ctx.source, getattr(ctx, split), ctx.solver, ctx.steps,
                                                         ctx.order, init=base, seed=ctx.seed, **(oracle or {})).per_sample
         result = fit_predictor(self.name, ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order,
-                               base=base, seed=ctx.seed, progress=ctx.progress, **options)
+                               base=base, base_xi=_offsets(start), seed=ctx.seed, progress=ctx.progress, **options)
         result.info["ld3_timesteps"] = start.timesteps.tolist()   # the global schedule it started from
+        if result.info.get("interrupted"):
+            return result
+        return keep_if_better(ctx, result, start, options.get("loss", "l2"), min_gain if fallback else -math.inf)
+
+
+def _offsets(start: FitResult) -> Tensor | None:
+    """The start's conditioning offsets xi = s - t (None without)."""
+    return None if start.cond_timesteps is None else start.cond_timesteps - start.timesteps
+
+
+def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, loss: str, min_gain: float) -> FitResult:
+    """``result`` where its mean validation loss is at least ``min_gain`` % below the start's
+    and the paired 95 % interval of the change lies below zero; else the start (its global
+    schedule under the result's method name); ``min_gain`` -inf keeps the predictor whatever the
+    change. ``info["vs_start"]`` records the change and which was kept."""
+    valid, src, loss_fn = ctx.valid, ctx.source, get_loss(loss)
+    x, dtype = valid.latents, valid.latents.dtype
+    with torch.no_grad():
+        new, _ = PredictorSampler(result.predictor, src, result.solver, result.order,
+                                  result.info.get("space", "lambda"))(x, valid.labels)
+        cond = None if start.cond_timesteps is None else start.cond_timesteps.to(dtype)
+        old = sample(src.model_fn_for(valid.labels), src.noise_schedule, x, start.timesteps.to(dtype), start.solver,
+                     order=start.order, cond_timesteps=cond)
+    change = paired_mean_change(*(loss_fn(out, valid.targets).cpu().numpy() for out in (new, old)))
+    n = len(x)
+    better = min_gain == -math.inf or (change.high < 0 and change.pct <= -min_gain)
+    record = {"pct": float(change.pct), "low": float(change.low), "high": float(change.high), "n": n,
+              "kept": "predictor" if better else "start"}
+    if better:
+        result.info["vs_start"] = record
         return result
+    return FitResult(result.method, start.solver, start.order, start.steps, timesteps=start.timesteps,
+                     cond_timesteps=start.cond_timesteps, history=result.history,
+                     info={**result.info, "vs_start": record, "theta": start.info["theta"]})
 
 
 class OneShot(_Predictor):

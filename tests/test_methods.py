@@ -95,10 +95,11 @@ def test_predictors_train_and_keep_the_best_checkpoint(setup, kind, objective):
     extra = {}
     if objective == "regression":
         extra = dict(oracle_train=fit_oracle(source, train, "dpm_solver++", 4, iterations=10, restarts=0).per_sample,
-                     oracle_valid=fit_oracle(source, valid, "dpm_solver++", 4, iterations=10, restarts=0).per_sample)
+                     finetune_epochs=2)
     res = fit_predictor(kind, source, train, valid, "dpm_solver++", 4, objective=objective, epochs=4,
                         batch_size=16, **extra)
     assert res.info["best_valid_loss"] == pytest.approx(min(res.history["valid_loss"]))
+    assert len(res.history["train_loss"]) == (6 if objective == "regression" else 4)   # fine-tuning follows
     out, times = PredictorSampler(res.predictor, source, "dpm_solver++", None)(valid.latents)
     assert torch.isfinite(out).all() and (times.diff(dim=1) < 0).all()
 
@@ -107,7 +108,7 @@ def test_bad_method_input(setup):
     source, train, valid = setup
     with pytest.raises(ValueError, match="unknown predictor"):
         fit_predictor("tree", source, train, valid, "ddim", 3)
-    with pytest.raises(ValueError, match="needs oracle schedules"):
+    with pytest.raises(ValueError, match="needs the optimum's schedules"):
         fit_predictor("oneshot", source, train, valid, "ddim", 3, objective="regression")
     with pytest.raises(ValueError, match="unknown loss"):
         fit_ld3(source, train, valid, "ddim", 3, loss="l7")
@@ -195,3 +196,24 @@ def test_a_predictor_no_better_than_its_start_falls_back_to_it(tmp_path):
     record = trained.info["vs_start"]
     assert (record["kept"] == "predictor") == (record["high"] < 0 and record["pct"] <= -0.5) and record["n"] == 48
     assert (trained.predictor is not None) == (record["kept"] == "predictor")
+
+
+def test_a_cell_fits_ld3s_start_and_the_training_optimum_once_for_all_its_trials(tmp_path):
+    """The oracle and a regression predictor of one cell share LD3's start and the optimum of the
+    training samples (kept in the cache): the second fit reads them and reports no LD3 or
+    optimum progress; another seed fits its own."""
+    from ats.methods import fit_method
+    from ats.models.sources import load_source
+    source = load_source("gmm", preset="2d")
+    calls: list[str] = []
+    common = dict(n_train=16, n_valid=16, cache=tmp_path, progress=lambda phase, step, loss: calls.append(phase))
+    shared = {"ld3": {"epochs": 2}, "oracle": {"iterations": 3, "restarts": 0}}
+    fit_method("oracle", source, "uni_pc", 4, options={"ld3": shared["ld3"], **shared["oracle"]}, **common)
+    assert {"ld3", "descent"} <= set(calls)
+    calls.clear()
+    fit_method("oneshot", source, "uni_pc", 4, options={**shared, "objective": "regression", "epochs": 1}, **common)
+    assert not {"ld3", "descent"} & set(calls) and "oneshot regression" in calls
+    assert len(list((tmp_path / "shared").glob("*.pt"))) == 2
+    calls.clear()
+    fit_method("oracle", source, "uni_pc", 4, seed=1, options={"ld3": shared["ld3"], **shared["oracle"]}, **common)
+    assert {"ld3", "descent"} <= set(calls) and len(list((tmp_path / "shared").glob("*.pt"))) == 4

@@ -11,7 +11,8 @@ training and validation seeds (cached on disk), real data, latents, and the prog
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import fcntl
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -19,7 +20,8 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from ..models.base import ModelSource
+from ..atomic import write_atomic
+from ..models.base import ModelSource, digest
 from ..options import Option
 from ..teacher import DEFAULT_CACHE, TeacherConfig, TeacherData, generate_teacher, split_seeds
 from .common import FitResult
@@ -59,6 +61,33 @@ class FitContext:
 
     def latents(self, split: str, n: int) -> Tensor:
         return self.source.latents(split_seeds(split, n), dtype=self.source.dtype, device=self.device)
+
+    def shared(self, what: str, settings: dict[str, Any], fit: Callable[[], FitResult]) -> FitResult:
+        """A fit that every trial of the same cell shares (LD3's starting schedule, the optimum
+        on the training seeds): ``fit()`` runs once per model, solver, steps, teacher, seeds and
+        ``settings``, and its result is kept under ``cache/shared/``; a trial that asks while
+        another computes it waits for it (a file lock), never fits it twice. Stopped or diverged
+        fits are returned but not kept. Results with a predictor are not shareable."""
+        key = digest({"what": what, "model": self.source.identity, "solver": self.solver, "steps": self.steps,
+                      "order": self.order, "teacher": asdict(self.teacher), "n_train": self.n_train,
+                      "n_valid": self.n_valid, "seed": self.seed, "settings": settings})
+        path = Path(self.cache) / "shared" / f"{what}-{key[:24]}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                try:
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+                    return FitResult(**{k: v.to(self.device) if torch.is_tensor(v) and self.device else v
+                                         for k, v in data.items()})
+                except Exception:   # a foreign or damaged file: fit again and replace it
+                    pass
+            result = fit()
+            if not {"interrupted", "diverged"} & set(result.info) and result.predictor is None:
+                state = {k: v.detach().cpu() if torch.is_tensor(v) else v
+                         for k, v in asdict(result).items() if k != "predictor"}
+                write_atomic(path, lambda tmp: torch.save(state, tmp))
+            return result
 
     def real_data(self, n: int) -> Tensor:
         """``n`` real samples of the source's data set (seeded by the context's seed)."""

@@ -202,10 +202,12 @@ class LD3(Method):
 
 def ld3_start(ctx: FitContext, options: dict[str, Any], samples: int) -> FitResult:
     """LD3 on the first ``samples`` training samples: the global schedule that the per-sample
-    methods start from (its ``info["theta"]``). Stopped by Ctrl-C, its best state is marked
-    ``info["interrupted_in"] = "ld3_start"``: the caller returns it as the best state there is."""
-    result = fit_ld3(ctx.source, ctx.train.first(samples), ctx.valid, ctx.solver, ctx.steps, ctx.order,
-                     seed=ctx.seed, progress=ctx.progress, **options)
+    methods start from (its ``info["theta"]``), fitted once per cell and shared by its trials
+    (``FitContext.shared``). Stopped by Ctrl-C, its best state is marked ``info["interrupted_in"]
+    = "ld3_start"``: the caller returns it as the best state there is."""
+    result = ctx.shared("ld3_start", {"options": options, "samples": samples}, lambda: fit_ld3(
+        ctx.source, ctx.train.first(samples), ctx.valid, ctx.solver, ctx.steps, ctx.order, seed=ctx.seed,
+        progress=ctx.progress, **options))
     if result.info.get("interrupted"):
         result.info["interrupted_in"] = "ld3_start"
     return result

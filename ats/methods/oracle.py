@@ -151,6 +151,15 @@ def _result(student: Student, best: _Best, data: TeacherData, solver, order, ste
                            "loss_name": loss, **info})
 
 
+def training_optimum(ctx: FitContext, init: Tensor, options: dict[str, Any]) -> FitResult:
+    """The optimum of every training sample from the global logits ``init`` (``fit_oracle``
+    with ``options``), fitted once per cell: the oracle's trials and the predictors trained on
+    it share it (``FitContext.shared``)."""
+    return ctx.shared("optimum", {"init": init.tolist(), "options": options}, lambda: fit_oracle(
+        ctx.source, ctx.train, ctx.solver, ctx.steps, ctx.order, init=init, seed=ctx.seed, progress=ctx.progress,
+        **options))
+
+
 class Oracle(Method):
     """Per-sample optimal schedules (``fit_oracle``), starting from LD3's global schedule."""
     name = "oracle"
@@ -165,8 +174,7 @@ class Oracle(Method):
         if start.info.get("interrupted"):
             return start   # stopped while fitting the starting schedule: that is the best state there is
         init = torch.tensor(start.info["theta"])
-        result = fit_oracle(ctx.source, ctx.train, ctx.solver, ctx.steps, ctx.order, init=init, seed=ctx.seed,
-                            progress=ctx.progress, **options)
+        result = training_optimum(ctx, init, options)
         result.info["init_theta"] = init.tolist()   # LD3's logits: where a refit on other samples starts
         return result
 

@@ -37,7 +37,7 @@ from ..teacher import TeacherData
 from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
 from .ld3 import ld3_start
-from .oracle import START_SAMPLES, fit_oracle
+from .oracle import START_SAMPLES, training_optimum
 
 OBJECTIVES = ("end_to_end", "regression")
 
@@ -249,14 +249,14 @@ class PredictorSampler:
 
 def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: TeacherData, solver: str, steps: int,
                   order: int | None = None, objective: str = "end_to_end", oracle_train: Tensor | None = None,
-                  oracle_valid: Tensor | None = None, base: Tensor | None = None, base_xi: Tensor | None = None,
-                  space: str = "lambda",
+                  base: Tensor | None = None, base_xi: Tensor | None = None, space: str = "lambda",
                   loss: str = "l2", width: int | None = None, dropout: float = 0., epochs: int = 100,
-                  batch_size: int = 64, lr: float = 1e-3, patience: int = 10, seed: int = 0,
-                  progress: Progress | None = None) -> FitResult:
-    """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits oracle
-    schedules (``oracle_train``/``oracle_valid``, [B, N+1] times for the data's samples);
-    ``end_to_end`` minimises the teacher loss through the solver. Both start exactly at the
+                  finetune_epochs: int = 0, batch_size: int = 64, lr: float = 1e-3, patience: int = 10,
+                  seed: int = 0, progress: Progress | None = None) -> FitResult:
+    """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits the optimum's
+    schedules of the training samples (``oracle_train``, [B, N+1] times), then, for
+    ``finetune_epochs``, the teacher loss through the solver (end to end); ``end_to_end``
+    minimises the teacher loss through the solver from the start. Both start exactly at the
     global schedule of logits ``base`` (the one-shot predictor also with its conditioning
     offsets ``base_xi``; default: the logSNR schedule). Early stopping on the validation
     teacher loss (the quantity that matters); the best checkpoint is returned, the start
@@ -265,8 +265,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
         raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose 'regression' or 'end_to_end'")
-    if objective == "regression" and (oracle_train is None or oracle_valid is None):
-        raise ValueError("objective 'regression' needs oracle schedules for the training and validation samples")
+    if objective == "regression" and oracle_train is None:
+        raise ValueError("objective 'regression' needs the optimum's schedules of the training samples")
     if kind == "delta" and steps < 2:
         raise ValueError("the delta predictor needs steps >= 2 (the last time is fixed)")
     torch.manual_seed(seed)
@@ -299,12 +299,15 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     history["valid_loss"].append(best["valid"])
     bad = 0
     epoch = -1
+    phases = [objective] * epochs + ["end_to_end"] * (finetune_epochs if objective == "regression" else 0)
     try:
-        for epoch in range(epochs):
+        for epoch, phase in enumerate(phases):
+            if epoch and phase != phases[epoch - 1]:
+                bad = 0   # fine-tuning end to end starts its own patience
             losses = []
             for idx in torch.randperm(len(train.latents), generator=g).split(batch_size):
                 labels = None if train.labels is None else train.labels[idx]
-                if objective == "regression":
+                if phase == "regression":
                     per = net.regression_loss(sampler, train.latents[idx], labels, oracle_train[idx])
                 else:
                     out, _ = sampler(train.latents[idx], labels)
@@ -319,7 +322,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
             history["train_loss"].append(sum(losses) / len(losses))
             history["valid_loss"].append(val)
             if progress is not None:
-                progress(kind, epoch, val)
+                progress(f"{kind} {phase}", epoch, val)
             if val < best["valid"]:
                 best.update(valid=val, state=copy.deepcopy(net.state_dict()), epoch=epoch)
                 bad = 0
@@ -347,12 +350,14 @@ def _predictor_result(kind, net, solver, order, steps, history, best, objective,
 
 class _Predictor(Method):
     """A predictor trained from LD3's global schedule (``fit_predictor``); objective
-    ``regression`` first fits the oracle on the training and validation samples."""
+    ``regression`` trains on the optimum of the training samples (``training_optimum``, shared
+    with the cell's other trials and its oracle)."""
     nested = ("ld3", "oracle")
     options = declare(fit_predictor, ("kind", "source", "train", "valid", "solver", "steps", "order", "oracle_train",
-                                      "oracle_valid", "base", "base_xi", "seed", "progress"),
+                                      "base", "base_xi", "seed", "progress"),
                       choices={"objective": OBJECTIVES, "space": SPACES, "loss": LOSS_NAMES},
-                      low={"epochs": 0, "batch_size": 1, "patience": 0, "dropout": 0, "width": 1},
+                      low={"epochs": 0, "finetune_epochs": 0, "batch_size": 1, "patience": 0, "dropout": 0,
+                           "width": 1},
                       positive=("lr",),
                       extra=(START_SAMPLES, Option("min_gain", frozenset({"float"}), 0.5, low=0,
                                                    help="the validation gain (%) a predictor needs over its start"),
@@ -366,9 +371,7 @@ class _Predictor(Method):
             return start   # stopped while fitting the starting schedule: that is the best state there is
         base = torch.tensor(start.info["theta"])
         if options.get("objective") == "regression":
-            for split in ("train", "valid"):
-                options[f"oracle_{split}"] = fit_oracle(ctx.source, getattr(ctx, split), ctx.solver, ctx.steps,
-                                                        ctx.order, init=base, seed=ctx.seed, **(oracle or {})).per_sample
+            options["oracle_train"] = training_optimum(ctx, base, oracle or {}).per_sample
         result = fit_predictor(self.name, ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order,
                                base=base, base_xi=_offsets(start), seed=ctx.seed, progress=ctx.progress, **options)
         result.info["ld3_timesteps"] = start.timesteps.tolist()   # the global schedule it started from

@@ -1,15 +1,21 @@
 """Schedule quality of every method against LD3, on held-out evaluation seeds, one run.
 
 For each dataset, solver and NFE: teacher targets (UniPC, 20 NFE, edm) for training
-(``--n-train``), validation and evaluation seeds (disjoint); the fixed discretizations,
-DMN, GITS, LD3 (50 training samples, as published), the one-shot and delta predictors
-(trained end to end on ``--n-train`` samples, starting from LD3's schedule), all evaluated
-by FID (and mean L2 to the teacher) on the evaluation seeds. The oracle is fitted on each
-evaluation sample itself: an upper bound on per-sample schedules, not a method one can
-deploy. TimeTuner is measured where its paper measures it (DDIM, NFE 10). Every FID has its 95 % bootstrap interval and every change against LD3 is
-paired (the same evaluation seeds; ``ats.intervals``). Also: wall time
-of the batched oracle against a global fit with the same iterations and batch, and the
-one-shot predictor's sampling overhead.
+(``--n-train``), validation (``--n-valid``) and evaluation seeds (disjoint); the fixed
+discretizations, DMN, GITS, and the per-sample pipeline as the methods run it: LD3 on the
+first 50 training samples (as published; the start every per-sample method shares), the
+optimum of each training sample from it (restarts, optional Optuna exploration), and the
+one-shot and delta predictors starting exactly at LD3 (schedule and offsets), trained end to
+end (``oneshot``, ``delta``) or on the optimum's schedules and then fine-tuned end to end
+(``oneshot_reg``, ``delta_reg``). Each predictor is scored as trained, and ``+fallback`` as the
+methods return it: LD3 itself unless its validation loss beat LD3's by 0.5 % with a paired
+95 % interval below zero. All are evaluated by FID (and mean L2 to the teacher) on the
+evaluation seeds; the oracle is fitted on each evaluation sample itself (the first
+``--n-oracle``): an upper bound on per-sample schedules, not a method one can deploy. TimeTuner
+is measured where its paper measures it (DDIM, NFE 10). Every FID has its 95 % bootstrap
+interval and every change against LD3 is paired (the same evaluation seeds;
+``ats.intervals``). Also: wall time of the batched oracle against a global fit with the same
+iterations and batch, and the one-shot predictor's sampling overhead.
 
 Datasets: ``digits`` and the mixtures ``gmm-2d``, ``gmm-16d``, ``gmm-64d`` (the presets of
 ``GMM_PRESETS``; ``gmm`` alone means ``gmm-16d``).
@@ -38,11 +44,11 @@ from ats.compare import sample_batched
 from ats.evaluate import L2_SAMPLES, seed_set
 from ats.methods.results import sample_result
 from ats.intervals import Change, FidEstimate
-from ats.methods import fit_method
+from ats.methods import METHODS, FitContext, fit_method, parse_method_options
 from ats.methods.dmn import fit_dmn
 from ats.methods.gits import fit_gits
-from ats.methods.ld3 import Student, fit_ld3
-from ats.methods.oracle import fit_oracle
+from ats.methods.ld3 import Student, ld3_start
+from ats.methods.oracle import fit_oracle, offsets_of, training_optimum
 from ats.methods.predictors import PredictorSampler, auto_width, fit_predictor
 from ats.losses import l2_loss
 from ats.metrics import frechet_estimate
@@ -80,8 +86,6 @@ def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
     on those same samples."""
     cfg = TeacherConfig()
     kw = dict(config=cfg, cache=cache, dtype=source.dtype)
-    train = generate_teacher(source, split_seeds("train", args.n_train), **kw)
-    valid = generate_teacher(source, split_seeds("valid", 64), **kw)
     seeds = split_seeds("eval", args.n_eval)
     x, labels = source.latents(seeds, dtype=source.dtype), source.labels(seeds)
     targets = generate_teacher(source, seeds[:min(args.n_eval, L2_SAMPLES)], **kw).targets
@@ -99,32 +103,53 @@ def run_config(source, solver: str, nfe: int, args, cache: Path) -> dict:
     t = time.perf_counter()
     fits["gits"] = fit_gits(source, solver, steps, split_seeds("train", 256))
     seconds["gits"] = time.perf_counter() - t
+    # The per-sample pipeline as the methods run it: LD3 on the first 50 training samples (the
+    # start, shared), the optimum of the training samples from it (shared), the predictors from
+    # LD3's schedule and offsets, trained end to end or on the optimum (then fine-tuned).
+    ctx = FitContext(source, solver, steps, None, args.n_train, args.n_valid, cfg, cache)
+    ld3_options = {"epochs": args.ld3_epochs}
     t = time.perf_counter()
-    fits["ld3"] = fit_ld3(source, train.first(50), valid, solver, steps, epochs=args.ld3_epochs)
+    fits["ld3"] = ld3_start(ctx, ld3_options, 50)
     seconds["ld3"] = time.perf_counter() - t
     base = torch.tensor(fits["ld3"].info["theta"])
-    for kind in ("oneshot", "delta"):
+    oracle_options = {"iterations": args.oracle_iterations, "restarts": args.oracle_restarts,
+                      "explore_trials": args.explore_trials}
+    t = time.perf_counter()
+    optimum = training_optimum(ctx, fits["ld3"], oracle_options)
+    seconds["optimum_train"] = time.perf_counter() - t
+    start_loss, best_loss = (float(torch.tensor(optimum.info[k]).mean()) for k in ("start_loss", "loss"))
+    vs_start = {}
+    for method, kind, objective in PREDICTORS:
+        options = {"ld3": ld3_options, "oracle": oracle_options, "objective": objective, "fallback": False,
+                   "epochs": args.predictor_epochs,
+                   "finetune_epochs": args.finetune_epochs if objective == "regression" else 0}
         t = time.perf_counter()
-        fits[kind] = fit_predictor(kind, source, train, valid, solver, steps, base=base, epochs=args.predictor_epochs)
-        seconds[kind] = time.perf_counter() - t
+        fits[method] = METHODS[kind].fit(ctx, **parse_method_options(kind, options))
+        seconds[method] = time.perf_counter() - t
+        vs_start[method] = fits[method].info["vs_start"]
     for method, res in fits.items():
         fids[method], rows[method] = score(metric, sample_result(source, res, x, labels)[0], targets, name)
     for method, row in rows.items():
         c = fids[method].change_pct(fids["ld3"])
         row.update(vs_ld3_pct=c.pct, vs_ld3_low=c.low, vs_ld3_high=c.high)
+    for method, record in vs_start.items():   # what the fallback decides: the predictor, or LD3 itself
+        kept = record["high"] < 0 and record["pct"] <= -MIN_GAIN
+        rows[method].update(valid_vs_start=record, kept="predictor" if kept else "start")
+        rows[method + "+fallback"] = dict(rows[method] if kept else rows["ld3"], kept=rows[method]["kept"])
     m = min(args.n_oracle, args.n_eval)
     ev = generate_teacher(source, seeds[:m], **kw)
     t = time.perf_counter()
-    oracle = fit_oracle(source, ev, solver, steps, init=base, iterations=args.oracle_iterations, restarts=1)
+    oracle = fit_oracle(source, ev, solver, steps, init=base, offsets=offsets_of(fits["ld3"]), **oracle_options)
     seconds["oracle"] = time.perf_counter() - t
-    with torch.no_grad():
-        out = sample(source.model_fn_for(ev.labels), ns, ev.latents, oracle.per_sample.to(source.dtype), solver)
+    out = sample_result(source, oracle, ev.latents, ev.labels)[0]
     oracle_fid, rows["oracle"] = score(metric, out, ev.targets, seed_set("eval", m))
     ld3_here = frechet_estimate(metric, sample_result(source, fits["ld3"], ev.latents, ev.labels)[0],
                                 seed_set("eval", m))
     c = oracle_fid.change_pct(ld3_here)
     rows["oracle"].update(vs_ld3_pct=c.pct, vs_ld3_low=c.low, vs_ld3_high=c.high, ld3_fid_same_seeds=ld3_here.fid)
-    return {"rows": rows, "fit_seconds": seconds}
+    return {"rows": rows, "fit_seconds": seconds,
+            "optimum_train": {"start_l2": start_loss, "l2": best_loss, "n": args.n_train,
+                              "change_pct": 100 * (best_loss - start_loss) / start_loss}}
 
 
 def oracle_speed(source, solver: str, nfe: int, n: int, iterations: int, cache: Path) -> dict:
@@ -192,7 +217,11 @@ def speed(source, args, cache: Path, oracle: bool = True) -> dict:
     return out
 
 
-METHODS = ["time_uniform", "logSNR", "time_quadratic", "edm", "dmn", "gits", "ld3", "oneshot", "delta", "oracle"]
+PREDICTORS = (("oneshot", "oneshot", "end_to_end"), ("delta", "delta", "end_to_end"),
+              ("oneshot_reg", "oneshot", "regression"), ("delta_reg", "delta", "regression"))
+MIN_GAIN = 0.5   # % on the validation seeds, as the predictors' fallback decides
+COLUMNS = ["time_uniform", "logSNR", "time_quadratic", "edm", "dmn", "gits", "ld3"] + \
+    [m + suffix for m, _, _ in PREDICTORS for suffix in ("", "+fallback")] + ["oracle"]
 
 
 def load_previous(path: Path) -> dict:
@@ -227,10 +256,13 @@ def merge(previous: dict, current: dict) -> dict:
 def table(results: dict) -> str:
     """One row per (dataset, solver, NFE): FID ± 95 % and, below it, the paired change against
     LD3 with its interval (* where it excludes 0); the oracle on its own smaller seed set."""
-    lines = ["| dataset | solver | NFE | n | " + " | ".join(METHODS) + " |", "|---|---|---|---|" + "---|" * len(METHODS)]
+    lines = ["| dataset | solver | NFE | n | " + " | ".join(COLUMNS) + " |", "|---|---|---|---|" + "---|" * len(COLUMNS)]
     for c in results["configs"]:
         cells = []
-        for m in METHODS:
+        for m in COLUMNS:
+            if m not in c["rows"]:
+                cells.append("")
+                continue
             r = c["rows"][m]
             change = Change(r["vs_ld3_pct"], r["vs_ld3_low"], r["vs_ld3_high"])
             n = f" (n={r['n']})" if r["n"] != c["rows"]["ld3"]["n"] else ""
@@ -277,7 +309,11 @@ def main() -> None:
     p.add_argument("--n-oracle", type=int, default=1000, help="evaluation samples the oracle is fitted on")
     p.add_argument("--ld3-epochs", type=int, default=150)
     p.add_argument("--predictor-epochs", type=int, default=30)
+    p.add_argument("--n-valid", type=int, default=200, help="validation samples (early stopping, the fallback's test)")
+    p.add_argument("--finetune-epochs", type=int, default=15, help="end-to-end epochs after the regression")
     p.add_argument("--oracle-iterations", type=int, default=100)
+    p.add_argument("--oracle-restarts", type=int, default=1)
+    p.add_argument("--explore-trials", type=int, default=0, help="Optuna exploration rounds of the optimum")
     p.add_argument("--speed-only", nargs="?", const="all", choices=["all", "overhead"],
                    help="only the wall-time figures on digits: all (batched oracle, predictor overhead) or "
                         "overhead (the predictor's alone)")

@@ -158,8 +158,8 @@ def test_ctrl_c_in_the_starting_ld3_fit_returns_ld3s_best_state(tmp_path, method
 
 
 def test_predictors_start_exactly_at_the_global_schedule_with_its_offsets(setup):
-    """An untrained one-shot predictor samples as LD3 does (schedule and conditioning offsets);
-    an untrained delta predictor walks LD3's schedule."""
+    """Untrained one-shot and delta predictors, and the optimum before its first step, sample as
+    LD3 does: its schedule and its conditioning offsets."""
     from ats.methods.common import FitResult
     from ats.methods.results import sample_result
     source, train, valid = setup
@@ -172,12 +172,14 @@ def test_predictors_start_exactly_at_the_global_schedule_with_its_offsets(setup)
     out, ts = PredictorSampler(one.predictor, source, "uni_pc", None)(x)
     torch.testing.assert_close(ts, ld3.timesteps.expand_as(ts), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
-    delta = fit_predictor("delta", source, train, valid, "uni_pc", 4, base=base, epochs=0)
-    _, times = PredictorSampler(delta.predictor, source, "uni_pc", None)(x)
+    delta = fit_predictor("delta", source, train, valid, "uni_pc", 4, base=base, base_xi=xi, epochs=0)
+    out, times = PredictorSampler(delta.predictor, source, "uni_pc", None)(x)
     torch.testing.assert_close(times, ld3.timesteps.expand_as(times), rtol=1e-5, atol=1e-6)
-    global_only = FitResult("ld3", "uni_pc", None, 4, timesteps=ld3.timesteps)
-    torch.testing.assert_close(sample_result(source, delta, x)[0], sample_result(source, global_only, x)[0],
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    optimum = fit_oracle(source, valid, "uni_pc", 4, init=base, offsets=xi, iterations=0, restarts=0)
+    torch.testing.assert_close(sample_result(source, optimum, x)[0], expected, rtol=1e-4, atol=1e-5)
+    without = FitResult("ld3", "uni_pc", None, 4, timesteps=ld3.timesteps)   # the offsets matter here
+    assert not torch.allclose(sample_result(source, without, x)[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_predictor_no_better_than_its_start_falls_back_to_it(tmp_path):

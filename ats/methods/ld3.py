@@ -20,7 +20,7 @@ from torch import Tensor
 from ..discretize import FIXED, get_timesteps
 from ..losses import LOSS_NAMES, get_loss
 from ..models.base import ModelSource
-from ..params import SPACES, logits_from_timesteps, offset_cond_timesteps, timesteps_from_logits
+from ..params import SPACES, carried_cond_timesteps, logits_from_timesteps, offset_cond_timesteps, timesteps_from_logits
 from ..solvers import sample, solver_spec
 from ..teacher import TeacherData
 from ..options import declare
@@ -38,9 +38,11 @@ def default_ball_radius(dim: int, steps: int) -> float:
 class Student:
     """theta (and xi) -> the solver's output; shared by LD3 and the per-sample methods."""
 
-    def __init__(self, source: ModelSource, solver: str, order: int | None, space: str = "lambda") -> None:
+    def __init__(self, source: ModelSource, solver: str, order: int | None, space: str = "lambda",
+                 offsets: Tensor | None = None) -> None:
         solver_spec(solver, order)
         self.source, self.solver, self.order, self.space = source, solver, order, space
+        self.offsets = offsets   # a global schedule's s - t, carried to every schedule without its own xi
         self.sigma_T = float(source.noise_schedule.marginal_std(torch.tensor(source.noise_schedule.T)))
 
     def timesteps(self, theta: Tensor) -> Tensor:
@@ -48,7 +50,10 @@ class Student:
 
     def __call__(self, theta: Tensor, xi: Tensor | None, unit_latents: Tensor, labels: Tensor | None) -> Tensor:
         ts = self.timesteps(theta)
-        cs = None if xi is None else offset_cond_timesteps(ts.expand(*xi.shape[:-1], -1) if xi.ndim > ts.ndim else ts, xi)
+        if xi is not None:
+            cs = offset_cond_timesteps(ts.expand(*xi.shape[:-1], -1) if xi.ndim > ts.ndim else ts, xi)
+        else:
+            cs = None if self.offsets is None else carried_cond_timesteps(ts, self.offsets.to(ts))
         return sample(self.source.model_fn_for(labels), self.source.noise_schedule, unit_latents * self.sigma_T,
                       ts, self.solver, order=self.order, cond_timesteps=cs)
 

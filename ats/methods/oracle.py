@@ -99,18 +99,19 @@ def _explore(student: Student, loss_fn, data: TeacherData, init: Tensor, trials:
 def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, order: int | None = None,
                space: str = "lambda", loss: str = "l2", init: Tensor | None = None, iterations: int = 200,
                lr: float = 0.05, restarts: int = 2, restart_scale: float = 0.5, explore_trials: int = 0,
-               explore_sampler: str = "tpe", seed: int = 0,
+               explore_sampler: str = "tpe", seed: int = 0, offsets: Tensor | None = None,
                progress: Progress | None = None) -> FitResult:
     """Per-sample schedules for every sample of ``data`` (latents and teacher targets).
     ``init``: the global logits to start from (e.g. LD3's; default the logSNR/time-uniform
-    zeros). Rounds: gradient descent from ``init``, then ``restarts`` rounds from ``init`` plus
+    zeros); ``offsets``: its conditioning offsets s - t [N+1], carried to every sample's
+    schedule (``carried_cond_timesteps``; kept in ``info["offsets"]``). Rounds: gradient descent from ``init``, then ``restarts`` rounds from ``init`` plus
     noise of scale restart_scale * k, then (``explore_trials`` > 0) Optuna exploration and a
     gradient refinement of its best candidates. Returns ``per_sample`` times [B, N+1] with
     ``info['loss']`` per sample."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     loss_fn = get_loss(loss)
-    student = Student(source, solver, order, space)
+    student = Student(source, solver, order, space, offsets)
     b, dtype, device = data.latents.shape[0], data.latents.dtype, data.latents.device
     init = torch.zeros(steps + 1, dtype=dtype, device=device) if init is None \
         else torch.as_tensor(init).detach().to(dtype=dtype, device=device)
@@ -142,29 +143,38 @@ def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, 
                    start_loss=start_loss.tolist())
 
 
+def offsets_of(start: FitResult) -> Tensor | None:
+    """A global schedule's conditioning offsets s - t [N+1] (None without)."""
+    return None if start.cond_timesteps is None else start.cond_timesteps - start.timesteps
+
+
 def _result(student: Student, best: _Best, data: TeacherData, solver, order, steps, history, space, loss,
             **info) -> FitResult:
     ts = student.timesteps(best.theta).detach()
     assert_monotone(ts)
+    offsets = {} if student.offsets is None else {"offsets": student.offsets.tolist()}
     return FitResult("oracle", solver, order, steps, per_sample=ts, seeds=data.seeds, history=history,
                      info={"loss": best.loss.tolist(), "theta": best.theta.tolist(), "space": space,
-                           "loss_name": loss, **info})
+                           "loss_name": loss, **offsets, **info})
 
 
-def training_optimum(ctx: FitContext, init: Tensor, options: dict[str, Any]) -> FitResult:
-    """The optimum of every training sample from the global logits ``init`` (``fit_oracle``
-    with ``options``), fitted once per cell: the oracle's trials and the predictors trained on
-    it share it (``FitContext.shared``)."""
-    return ctx.shared("optimum", {"init": init.tolist(), "options": options}, lambda: fit_oracle(
-        ctx.source, ctx.train, ctx.solver, ctx.steps, ctx.order, init=init, seed=ctx.seed, progress=ctx.progress,
-        **options))
+def training_optimum(ctx: FitContext, start: FitResult, options: dict[str, Any]) -> FitResult:
+    """The optimum of every training sample from the global schedule ``start`` (its logits and
+    offsets; ``fit_oracle`` with ``options``), fitted once per cell: the oracle's trials and the
+    predictors trained on it share it (``FitContext.shared``)."""
+    init, offsets = torch.tensor(start.info["theta"]), offsets_of(start)
+    settings = {"init": init.tolist(), "offsets": None if offsets is None else offsets.tolist(), "options": options}
+    return ctx.shared("optimum", settings, lambda: fit_oracle(
+        ctx.source, ctx.train, ctx.solver, ctx.steps, ctx.order, init=init, seed=ctx.seed, offsets=offsets,
+        progress=ctx.progress, **options))
 
 
 class Oracle(Method):
     """Per-sample optimal schedules (``fit_oracle``), starting from LD3's global schedule."""
     name = "oracle"
     nested = ("ld3",)
-    options = declare(fit_oracle, ("source", "data", "solver", "steps", "order", "init", "seed", "progress"),
+    options = declare(fit_oracle, ("source", "data", "solver", "steps", "order", "init", "seed", "offsets",
+                                   "progress"),
                       choices={"space": SPACES, "loss": LOSS_NAMES, "explore_sampler": EXPLORE_SAMPLERS},
                       low={"iterations": 0, "restarts": 0, "restart_scale": 0, "explore_trials": 0},
                       positive=("lr",), extra=(START_SAMPLES,))
@@ -173,9 +183,8 @@ class Oracle(Method):
         start = ld3_start(ctx, ld3 or {}, start_samples)
         if start.info.get("interrupted"):
             return start   # stopped while fitting the starting schedule: that is the best state there is
-        init = torch.tensor(start.info["theta"])
-        result = training_optimum(ctx, init, options)
-        result.info["init_theta"] = init.tolist()   # LD3's logits: where a refit on other samples starts
+        result = training_optimum(ctx, start, options)
+        result.info["init_theta"] = start.info["theta"]   # LD3's logits: where a refit on other samples starts
         return result
 
     def schedules_for(self, ctx: FitContext, result: FitResult, options: dict[str, Any],
@@ -183,7 +192,8 @@ class Oracle(Method):
         """The oracle's schedules belong to their own samples: refit on ``data`` with the same
         settings, from the same starting schedule."""
         init = torch.tensor(result.info["init_theta"]) if "init_theta" in result.info else None
+        offsets = torch.tensor(result.info["offsets"]) if "offsets" in result.info else None
         own = {k: v for k, v in options.items() if k not in ("ld3", "start_samples")}
         return fit_oracle(ctx.source, data, result.solver, result.steps, result.order, init=init, seed=ctx.seed,
-                          **own).per_sample
+                          offsets=offsets, **own).per_sample
 

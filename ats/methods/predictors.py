@@ -1,21 +1,21 @@
 """Per-sample schedule predictors: from the starting noise x_T to that sample's schedule.
 
 - ``OneShotPredictor``: x_T (and a label) -> logits theta [N+1] in one pass; the schedule is
-  ``timesteps_from_logits(base + net(x_T))`` with the network times offset by the global
-  schedule's ``base_xi`` (LD3's conditioning offsets), so an untrained net is exactly the
-  global schedule it starts from (e.g. LD3's).
+  ``timesteps_from_logits(base + net(x_T))``.
 - ``DeltaPredictor``: recursive; at step k it sees (x_{t_k}, t_k, k) and picks the next
   time as a fraction f_k = sigmoid(prior_k + a_k) of the lambda distance still to go,
   lambda_{k+1} = lambda_k + f_k (lambda_end - lambda_k), the last time fixed to t_end. The
-  prior makes an untrained net walk the global schedule it starts from (its fractions;
-  without one, f_k = 1 / (N - k): the logSNR schedule). Its inputs are normalised:
-  x / sqrt(alpha^2 + sigma^2), log sigma_bar_t and k / N. It does not carry conditioning
-  offsets: its times are chosen on the way, and so would the offsets' bounds be.
-Both train (a) by regression on oracle schedules or (b) end to end through the solver on
-the teacher loss, with validation, early stopping and the best checkpoint kept; the
-validation loss of the untrained net is the start's, so the kept checkpoint is never worse
-than the start there. ``_Predictor.fit`` then keeps the predictor only where the paired 95 %
-interval of its validation loss against the start's lies below zero, else the start.
+  prior is the fractions of the global schedule it starts from (without one, f_k = 1 / (N - k):
+  the logSNR schedule). Its inputs are normalised: x / sqrt(alpha^2 + sigma^2), log
+  sigma_bar_t and k / N.
+Both carry the global schedule's conditioning offsets ``base_xi`` (LD3's s - t) to the times
+they choose (``carried_cond_time``: clipped to half the step before), so an untrained
+predictor samples exactly as the global schedule it starts from. Both train (a) by
+regression on the optimum's schedules, then optionally end to end, or (b) end to end through
+the solver on the teacher loss, with validation, early stopping and the best checkpoint kept;
+the validation loss of the untrained net is the start's, so the kept checkpoint is never
+worse than the start there. ``_Predictor.fit`` then keeps the predictor only where the paired
+95 % interval of its validation loss against the start's lies below zero, else the start.
 """
 from __future__ import annotations
 
@@ -30,14 +30,14 @@ from ..losses import LOSS_NAMES, get_loss
 from ..models.base import ModelSource
 from ..options import Option, declare
 from ..intervals import paired_mean_change
-from ..params import SPACES, offset_cond_timesteps, timesteps_from_logits
-from ..solvers import Coeffs, NextTime, bind_solver, coeffs, sample
+from ..params import SPACES, carried_cond_time, carried_cond_timesteps, timesteps_from_logits
+from ..solvers import Coeffs, CondTime, NextTime, bind_solver, coeffs, sample
 from ..tensors import expand_dims
 from ..teacher import TeacherData
 from .base import FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
 from .ld3 import ld3_start
-from .oracle import START_SAMPLES, training_optimum
+from .oracle import START_SAMPLES, offsets_of, training_optimum
 
 OBJECTIVES = ("end_to_end", "regression")
 
@@ -82,8 +82,10 @@ class Predictor(nn.Module):
     zero (so an untrained predictor gives its prior schedule)."""
 
     def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int, width: int | None, dropout: float,
-                 extra_inputs: int, outputs: int) -> None:
+                 extra_inputs: int, outputs: int, base_xi: Tensor | None = None) -> None:
         super().__init__()
+        # The start's conditioning offsets (s - t of its schedule; zeros: none), carried to every schedule.
+        self.register_buffer("base_xi", torch.zeros(steps + 1) if base_xi is None else base_xi.detach().float().clone())
         width = auto_width(tuple(shape)) if width is None else int(width)
         self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
                        "dropout": dropout}
@@ -118,19 +120,16 @@ class OneShotPredictor(Predictor):
 
     def __init__(self, shape: tuple[int, ...], steps: int, base: Tensor, num_classes: int = 0,
                  width: int | None = None, dropout: float = 0., base_xi: Tensor | None = None) -> None:
-        super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=0, outputs=steps + 1)
+        super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=0, outputs=steps + 1, base_xi=base_xi)
         self.register_buffer("base", base.detach().float().clone())
-        xi = torch.zeros(steps + 1) if base_xi is None else base_xi.detach().float().clone()
-        self.register_buffer("base_xi", xi)
 
     def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.base + self.head(self.features(x_T, labels))
 
     def cond_timesteps(self, ts: Tensor) -> Tensor | None:
-        """The times the network sees: ``ts`` offset by the start's ``base_xi`` (None without offsets)."""
-        if not bool(self.base_xi.any()):
-            return None
-        return offset_cond_timesteps(ts, self.base_xi.to(ts.dtype).expand_as(ts))
+        """The times the network sees: the start's offsets ``base_xi`` carried to ``ts``
+        (``carried_cond_timesteps``; None without offsets)."""
+        return carried_offsets(ts, self.base_xi)
 
     def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -154,9 +153,15 @@ class DeltaPredictor(Predictor):
     None: ``auto_width(shape)``; the width used is in ``config``."""
 
     def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int = 0, width: int | None = None,
-                 dropout: float = 0., base_lambdas: Tensor | None = None) -> None:
-        super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=2, outputs=1)
+                 dropout: float = 0., base_lambdas: Tensor | None = None, base_xi: Tensor | None = None) -> None:
+        super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=2, outputs=1, base_xi=base_xi)
         self.register_buffer("prior", prior_logits(steps, base_lambdas))
+
+    def cond_time(self) -> CondTime | None:
+        """The start's offsets carried to each time as it is chosen (None without offsets)."""
+        if not bool(self.base_xi.any()):
+            return None
+        return lambda j, t, t_prev: carried_cond_time(t, t_prev, self.base_xi[j].to(t))
 
     def fraction(self, x: Tensor, c: Coeffs, k: int, labels: Tensor | None = None) -> Tensor:
         """f_k in (0, 1) per sample from x at step k, c the coefficients at t_k ([B, 1, ...])."""
@@ -172,7 +177,7 @@ class DeltaPredictor(Predictor):
         at the end and the times [B, N+1]."""
         ns = sampler.source.noise_schedule
         run = bind_solver(sampler.source.model_fn_for(labels), ns, sampler.solver, self.steps, sampler.order)
-        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], next_time=next_time))
+        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], self.cond_time(), next_time))
         return steps[-1].x, torch.stack([t] + [s.c.t for s in steps], 1)
 
     def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
@@ -205,6 +210,14 @@ class DeltaPredictor(Predictor):
         with torch.no_grad():
             self._walk(sampler, x_T, target_ts[:, 0], labels, next_time)
         return torch.stack(errors, 1).mean(1)
+
+
+def carried_offsets(ts: Tensor, xi: Tensor) -> Tensor | None:
+    """The times the network sees on schedules ``ts`` ([B, N+1]) carrying a global schedule's
+    offsets ``xi`` [N+1] (``carried_cond_timesteps``); None where there are none."""
+    if not bool(xi.any()):
+        return None
+    return carried_cond_timesteps(ts, xi.to(ts))
 
 
 def prior_logits(steps: int, lambdas: Tensor | None = None) -> Tensor:
@@ -279,7 +292,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     else:
         lambdas = None if base is None else source.noise_schedule.marginal_lambda(
             timesteps_from_logits(base.double(), source.noise_schedule, space=space))
-        net = DeltaPredictor(source.shape, steps, classes, width, dropout, lambdas)
+        net = DeltaPredictor(source.shape, steps, classes, width, dropout, lambdas, base_xi)
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     net = net.to(train.latents.device)
@@ -371,18 +384,14 @@ class _Predictor(Method):
             return start   # stopped while fitting the starting schedule: that is the best state there is
         base = torch.tensor(start.info["theta"])
         if options.get("objective") == "regression":
-            options["oracle_train"] = training_optimum(ctx, base, oracle or {}).per_sample
+            options["oracle_train"] = training_optimum(ctx, start, oracle or {}).per_sample
         result = fit_predictor(self.name, ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order,
-                               base=base, base_xi=_offsets(start), seed=ctx.seed, progress=ctx.progress, **options)
+                               base=base, base_xi=offsets_of(start), seed=ctx.seed, progress=ctx.progress,
+                               **options)
         result.info["ld3_timesteps"] = start.timesteps.tolist()   # the global schedule it started from
         if result.info.get("interrupted"):
             return result
         return keep_if_better(ctx, result, start, options.get("loss", "l2"), min_gain if fallback else -math.inf)
-
-
-def _offsets(start: FitResult) -> Tensor | None:
-    """The start's conditioning offsets xi = s - t (None without)."""
-    return None if start.cond_timesteps is None else start.cond_timesteps - start.timesteps
 
 
 def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, loss: str, min_gain: float) -> FitResult:

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..atomic import write_atomic
 from ..compare import EVAL_BATCH, sample_batched
 from ..models.base import ModelSource
+from ..params import carried_cond_timesteps
 from .common import FitResult
 from .predictors import PredictorSampler, load_predictor
 
@@ -113,8 +114,11 @@ def sample_result(source: ModelSource, result: FitResult, x: Tensor, labels: Ten
             raise ValueError(f"the result holds {len(result.per_sample)} per-sample schedules, not {len(x)}: they "
                              "belong to the samples they were fitted on")
         schedules = result.per_sample[:len(x)].to(x.dtype)
+        offsets = result.info.get("offsets")   # the global start's, carried to each schedule (the oracle's)
+        cond = None if offsets is None else carried_cond_timesteps(schedules, torch.tensor(offsets, dtype=x.dtype))
         outs = [sample_batched(source, x[i:i + batch], None if labels is None else labels[i:i + batch],
-                               schedules[i:i + batch], result.solver, batch, order=result.order)
+                               schedules[i:i + batch], result.solver, batch, order=result.order,
+                               cond_timesteps=None if cond is None else cond[i:i + batch])
                 for i in range(0, len(x), batch)]
         return torch.cat(outs), schedules
     cond = None if result.cond_timesteps is None else result.cond_timesteps.to(x.dtype)

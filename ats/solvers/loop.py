@@ -11,6 +11,9 @@ from .steps import Coeffs, ModelFn, SolverState, StepFn, coeffs
 
 NextTime = Callable[[int, Tensor, Coeffs], Tensor]
 """``next_time(i, x_i, c_i) -> t_{i+1}``: picks the end of step i from x at t_i = c_i.t ([b] or [1])."""
+CondTime = Callable[[int, Tensor, Tensor], Tensor]
+"""``cond_time(j, t_j, t_{j-1}) -> s_j``: the time the network sees at inner time j (0 < j < N),
+for schedules chosen on the way; the first and last times are never offset."""
 
 
 class Step(NamedTuple):
@@ -42,17 +45,23 @@ class BoundSolver:
         return self.step_fn(self.model_fn, x, c, cn, state, order=self.orders[i] if order is None else order,
                             cond_t=cond_t, cond_next=cond_next, last=i == self.steps - 1 if last is None else last)
 
-    def iter_steps(self, x: Tensor, grid: Sequence[Coeffs], cond: Tensor | None = None,
+    def iter_steps(self, x: Tensor, grid: Sequence[Coeffs], cond: Tensor | CondTime | None = None,
                    next_time: NextTime | None = None, state: SolverState = SolverState()) -> Iterator[Step]:
         """x_{i+1} = step_i(x_i; c_i -> c_{i+1}) for i = 0 .. N-1, yielding each ``Step``.
 
         ``grid``: the coefficients c_0 .. c_N; with ``next_time`` only c_0 is read and
         c_{i+1} = coeffs(t_{i+1} = next_time(i, x_i, c_i)). ``cond``: [b, N+1] times the
-        network sees (None: the solver's)."""
-        conds = [None] * (self.steps + 1) if cond is None else cond.unbind(1)
+        network sees, or a ``CondTime`` that gives each as its time is reached (None: the
+        solver's)."""
+        fixed = cond.unbind(1) if isinstance(cond, Tensor) else None
         c = grid[0]
+        s = None if fixed is None else fixed[0]
         for i in range(self.steps):
             cn = grid[i + 1] if next_time is None else coeffs(self.noise_schedule, next_time(i, x, c), x.ndim)
-            x, state = self.step(i, x, c, cn, state, conds[i], conds[i + 1])
+            if fixed is not None:
+                s_next = fixed[i + 1]
+            else:
+                s_next = cond(i + 1, cn.t.reshape(-1), c.t.reshape(-1)) if cond and i + 1 < self.steps else None
+            x, state = self.step(i, x, c, cn, state, s, s_next)
             yield Step(i, x, cn, state)
-            c = cn
+            c, s = cn, s_next

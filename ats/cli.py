@@ -391,7 +391,8 @@ def fit(method, source, solver, order, nfe, n_train, n_valid, n_eval, teacher_so
 
 @main.command()
 @click.option("--dataset", default=None, help="Run studies/DATASET.yaml (gmm, digits, cifar10).")
-@click.option("--study", "study_file", type=click.Path(path_type=Path), default=None, help="Any other study YAML.")
+@click.option("--study", "study_file", type=click.Path(path_type=Path), default=None,
+              help="Any other study YAML, or a shipped study by name (gmm-per-sample, digits-per-sample).")
 @click.option("--resume", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Finish the study in this folder (written by an earlier `ats search`).")
 @click.option("--solver", "solvers", default=None, callback=lambda c, p, v: v and _choice_list(tuple(SOLVERS))(c, p, v),
@@ -450,7 +451,7 @@ def search(dataset, study_file, resume, solvers, nfes, methods, trials, sampler,
             SearchState.load(resume)
             study = load_study(resume / "study.yaml")
         else:
-            study = load_study(study_file or study_path(dataset))
+            study = load_study(study_path(study_file or dataset))
             study = study.with_overrides(model=model_options(study.dataset, model_flags), **overrides)
         check_inputs(study)
     except (StudyError, FileNotFoundError, ValueError, ImportError) as e:

@@ -232,13 +232,21 @@ def load_study(path: str | Path) -> Study:
     return study_from_dict(data, origin=str(path))
 
 
-def study_path(dataset: str) -> Path:
-    """The shipped study of ``dataset``: ``<dataset>.yaml`` of the package data ``ats.studies``
-    (the repository's ``studies/`` folder, installed with the package)."""
-    path = Path(str(importlib.resources.files("ats.studies") / f"{dataset}.yaml"))
+def shipped_studies() -> list[str]:
+    """Names of the studies shipped with ats (the package data ``ats.studies``)."""
+    return sorted(p.name[:-5] for p in importlib.resources.files("ats.studies").iterdir() if p.name.endswith(".yaml"))
+
+
+def study_path(name: str | Path) -> Path:
+    """The shipped study ``name`` (``<name>.yaml`` of the package data ``ats.studies``, the
+    repository's ``studies/`` folder: a dataset's default, or e.g. ``gmm-per-sample``); a path
+    that exists, or ends in .yaml, is taken as it is."""
+    if Path(name).exists() or str(name).endswith((".yaml", ".yml")):
+        return Path(name)
+    path = Path(str(importlib.resources.files("ats.studies") / f"{name}.yaml"))
     if not path.is_file():
-        raise StudyError(f"{path}: no shipped study for dataset {dataset!r} (shipped: "
-                         f"{', '.join(DATASETS)}); write one (see studies/README.md) and pass it with --study FILE")
+        raise StudyError(f"{path}: no shipped study {str(name)!r} (shipped: {', '.join(shipped_studies())}); write one "
+                         "(see studies/README.md) and pass it with --study FILE")
     return path
 
 

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from ats.models.sources import DATASETS
-from ats.study import (Param, Study, StudyError, load_study, study_from_dict, study_path, write_study)
+from ats.study import (Param, Study, StudyError, load_study, shipped_studies, study_from_dict, study_path,
+                       write_study)
 from ats.teacher import TeacherConfig
 
 
@@ -57,6 +58,21 @@ def test_shipped_studies_load(dataset):
     study = load_study(study_path(dataset))
     assert study.dataset == dataset and study.cells() and study.trials >= 1
     assert study_from_dict(study.to_dict()) == study
+
+
+@pytest.mark.parametrize("name", ["gmm-per-sample", "digits-per-sample"])
+def test_shipped_per_sample_studies_run_the_whole_pipeline(name):
+    """The oracle and both predictors trained on the optimum of the training seeds, sharing one
+    LD3 start and one optimum (the same nested options in every method)."""
+    study = load_study(study_path(name))
+    assert name in shipped_studies() and study.name == name
+    methods = {m.name: m for m in study.methods}
+    assert {"ld3", "oracle", "oneshot", "delta"} <= set(methods)
+    oracle = {k: v for k, v in methods["oracle"].options.items() if k != "ld3"}
+    for kind in ("oneshot", "delta"):
+        options = methods[kind].options
+        assert options["objective"] == "regression" and options["finetune_epochs"] > 0
+        assert options["oracle"] == oracle and options["ld3"] == methods["oracle"].options["ld3"]
 
 
 def test_shipped_gmm_and_digits_build_their_sources():

@@ -73,19 +73,20 @@ def offset_cond_timesteps(timesteps: Tensor, xi: Tensor) -> Tensor:
     return timesteps + xi * mask
 
 
-def carried_cond_time(t: Tensor, t_prev: Tensor, xi: Tensor | float) -> Tensor:
+def carried_cond_time(t: Tensor, t_prev: Tensor, t_end: Tensor | float, xi: Tensor | float) -> Tensor:
     """A global schedule's conditioning offset ``xi`` (its s_j - t_j, already clipped) carried
-    to another time t_j at index j: s_j = t_j + clamp(xi, +-(t_{j-1} - t_j) / 2). It needs only
-    the step before, so a schedule chosen step by step can apply it; on the global schedule
-    itself it changes nothing (its offsets lie within half its smallest step)."""
-    half = 0.5 * (t_prev - t)
-    return t + torch.maximum(torch.minimum(torch.as_tensor(xi, dtype=t.dtype, device=t.device), half), -half)
+    to another time t_j at index j: s_j = t_j + clamp(xi, -(t_j - t_end) / 2, (t_{j-1} - t_j) / 2).
+    It needs only the step before and the end, so a schedule chosen step by step can apply it;
+    on the global schedule itself it changes nothing (its offsets lie within half its smallest
+    step), and s_j stays strictly between t_end and t_{j-1}."""
+    xi = torch.as_tensor(xi, dtype=t.dtype, device=t.device)
+    return t + torch.maximum(torch.minimum(xi, 0.5 * (t_prev - t)), -0.5 * (t - t_end))
 
 
 def carried_cond_timesteps(timesteps: Tensor, xi: Tensor) -> Tensor:
     """``carried_cond_time`` at every inner time of ``timesteps`` ([N+1] or [B, N+1]); ``xi``
     [N+1] (its ends are ignored: the first and last times are never offset)."""
-    inner = carried_cond_time(timesteps[..., 1:-1], timesteps[..., :-2], xi[1:-1])
+    inner = carried_cond_time(timesteps[..., 1:-1], timesteps[..., :-2], timesteps[..., -1:], xi[1:-1])
     return torch.cat([timesteps[..., :1], inner, timesteps[..., -1:]], dim=-1)
 
 

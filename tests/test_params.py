@@ -3,8 +3,8 @@ import torch
 
 from ats.discretize import get_timesteps
 from ats.noise import EDMSchedule, NoiseScheduleVP
-from ats.params import (logits_from_timesteps, offset_cond_timesteps, ratio_cond_timesteps,
-                        timesteps_from_logits)
+from ats.params import (carried_cond_timesteps, logits_from_timesteps, offset_cond_timesteps,
+                        ratio_cond_timesteps, timesteps_from_logits)
 
 SCHEDULES = [NoiseScheduleVP("linear"), NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000)),
              EDMSchedule()]
@@ -50,6 +50,22 @@ def test_offsets_clipped_and_zero_at_ends():
     torch.testing.assert_close(cs, expected)
     with pytest.raises(ValueError, match="xi must have the shape of timesteps"):
         offset_cond_timesteps(ts, xi[:, :3])
+
+
+def test_carried_offsets_leave_their_own_schedule_alone_and_stay_inside_any_other():
+    """A global schedule's clipped offsets carried back to it change nothing; carried to other
+    schedules (per-sample ones, steps far smaller than the global's), every inner s_j lies
+    strictly between the end and the time before, and the ends are never offset."""
+    g = torch.Generator().manual_seed(0)
+    ts = torch.tensor([1., 0.6, 0.35, 0.1, 1e-3], dtype=torch.float64)
+    raw = torch.tensor([0., 0.3, -0.3, -0.2, 0.], dtype=torch.float64)
+    own = offset_cond_timesteps(ts, raw)
+    torch.testing.assert_close(carried_cond_timesteps(ts, own - ts), own)
+    logits = torch.randn(500, 5, generator=g, dtype=torch.float64) * 3
+    others = timesteps_from_logits(logits, NoiseScheduleVP("linear"))
+    cs = carried_cond_timesteps(others, own - ts)
+    assert (cs[:, 1:-1] < others[:, :-2]).all() and (cs[:, 1:-1] > others[:, -1:]).all()
+    torch.testing.assert_close(cs[:, [0, -1]], others[:, [0, -1]])
 
 
 def test_ratios():

@@ -9,8 +9,9 @@
   the logSNR schedule). Its inputs are normalised: x / sqrt(alpha^2 + sigma^2), log
   sigma_bar_t and k / N.
 Both carry the global schedule's conditioning offsets ``base_xi`` (LD3's s - t) to the times
-they choose (``carried_cond_time``: clipped to half the step before), so an untrained
-predictor samples exactly as the global schedule it starts from. Both train (a) by
+they choose (``carried_cond_time``: clipped to half the step before and half the way to the
+end), so an untrained predictor samples exactly as the global schedule it starts from. Both
+train (a) by
 regression on the optimum's schedules, then optionally end to end, or (b) end to end through
 the solver on the teacher loss, with validation, early stopping and the best checkpoint kept;
 the validation loss of the untrained net is the start's, so the kept checkpoint is never
@@ -157,11 +158,12 @@ class DeltaPredictor(Predictor):
         super().__init__(shape, steps, num_classes, width, dropout, extra_inputs=2, outputs=1, base_xi=base_xi)
         self.register_buffer("prior", prior_logits(steps, base_lambdas))
 
-    def cond_time(self) -> CondTime | None:
-        """The start's offsets carried to each time as it is chosen (None without offsets)."""
+    def cond_time(self, t_end: Tensor) -> CondTime | None:
+        """The start's offsets carried to each time as it is chosen, towards the end ``t_end``
+        (None without offsets)."""
         if not bool(self.base_xi.any()):
             return None
-        return lambda j, t, t_prev: carried_cond_time(t, t_prev, self.base_xi[j].to(t))
+        return lambda j, t, t_prev: carried_cond_time(t, t_prev, t_end, self.base_xi[j].to(t))
 
     def fraction(self, x: Tensor, c: Coeffs, k: int, labels: Tensor | None = None) -> Tensor:
         """f_k in (0, 1) per sample from x at step k, c the coefficients at t_k ([B, 1, ...])."""
@@ -171,13 +173,13 @@ class DeltaPredictor(Predictor):
         logit = self.head(torch.cat([h, extra], 1)).squeeze(1) + self.prior[k]
         return torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4).to(x.dtype)
 
-    def _walk(self, sampler: PredictorSampler, x: Tensor, t: Tensor, labels: Tensor | None,
+    def _walk(self, sampler: PredictorSampler, x: Tensor, t: Tensor, t_end: Tensor, labels: Tensor | None,
               next_time: NextTime) -> tuple[Tensor, Tensor]:
-        """The solver from x at t ([B]), step k ending at ``next_time(k, x_k, c_k)``; returns x
-        at the end and the times [B, N+1]."""
+        """The solver from x at t ([B]) to t_end ([B]), step k ending at ``next_time(k, x_k,
+        c_k)``; returns x at the end and the times [B, N+1]."""
         ns = sampler.source.noise_schedule
         run = bind_solver(sampler.source.model_fn_for(labels), ns, sampler.solver, self.steps, sampler.order)
-        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], self.cond_time(), next_time))
+        steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], self.cond_time(t_end), next_time))
         return steps[-1].x, torch.stack([t] + [s.c.t for s in steps], 1)
 
     def sample_with(self, sampler: PredictorSampler, x_T: Tensor,
@@ -192,7 +194,7 @@ class DeltaPredictor(Predictor):
                 return t_end
             lam = c.lam.reshape(-1)
             return ns.inverse_lambda(lam + self.fraction(x, c, k, labels) * (lam_end - lam))
-        return self._walk(sampler, x_T, t, labels, next_time)
+        return self._walk(sampler, x_T, t, t_end, labels, next_time)
 
     def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
                         target_ts: Tensor) -> Tensor:
@@ -208,7 +210,7 @@ class DeltaPredictor(Predictor):
                     errors.append((self.fraction(x, c, k, labels) - goal) ** 2)
             return target_ts[:, k + 1]
         with torch.no_grad():
-            self._walk(sampler, x_T, target_ts[:, 0], labels, next_time)
+            self._walk(sampler, x_T, target_ts[:, 0], target_ts[:, -1], labels, next_time)
         return torch.stack(errors, 1).mean(1)
 
 

@@ -115,6 +115,16 @@ def score(study: Study, source: ModelSource, result: FitResult, options: dict[st
                       l2_loss(out[:m], targets).mean().item(), out[:GRID_SAMPLES], schedules)
 
 
+def start_metrics(result: FitResult) -> dict[str, float]:
+    """A predictor's validation change against the global schedule it started from, and whether
+    it was kept (1) or fell back to that schedule (0)."""
+    record = result.info.get("vs_start")
+    if not record:
+        return {}
+    return {"valid_vs_start_pct": record["pct"], "valid_vs_start_low": record["low"],
+            "valid_vs_start_high": record["high"], "kept_predictor": float(record["kept"] == "predictor")}
+
+
 def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[str, Any], out: str | Path,
               cache: str | Path, progress: Progress | None = None, source: ModelSource | None = None,
               device: torch.device | str | None = None, splits: tuple[str, ...] = ("select", "eval")) -> Scored:
@@ -124,7 +134,7 @@ def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[st
     source = (source or study.source()).to(device or "cpu")
     start = time.perf_counter()
     result = fit(study, source, method, solver, nfe, options, cache, progress, device)
-    metrics: dict[str, float] = {"fit_seconds": time.perf_counter() - start}
+    metrics: dict[str, float] = {"fit_seconds": time.perf_counter() - start, **start_metrics(result)}
     scores = {split: score(study, source, result, options, split, cache, device) for split in splits}
     for split, s in scores.items():
         metrics.update(s.metrics(split))

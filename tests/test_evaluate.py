@@ -26,9 +26,12 @@ def search(tmp_path_factory) -> dict:
     """One finished search: run ids by method (and the parent's), the tracking URI, the cache."""
     root = tmp_path_factory.mktemp("search")
     lr = {"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}
+    upstream = {"ld3": {"epochs": 2}, "oracle": {"iterations": 5, "restarts": 0}}   # fitted once, shared
     methods = {"ld3": {"options": {"epochs": 3}, "space": lr},
                "oneshot": {"options": {"epochs": 2, "fallback": False, "ld3": {"epochs": 2}}, "space": lr},
-               "oracle": {"options": {"iterations": 5, "restarts": 0, "ld3": {"epochs": 2}}, "space": lr}}
+               "delta": {"options": {"objective": "regression", "epochs": 2, "finetune_epochs": 1, **upstream},
+                         "space": lr},
+               "oracle": {"options": {"ld3": upstream["ld3"], **upstream["oracle"]}, "space": lr}}
     tiny_study(root / "tiny.yaml", trials=1, methods=methods, data={"n_train": 32, "n_valid": 16, "n_select": 48,
                                                                      "n_eval": N_EVAL})
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -80,6 +83,17 @@ def test_evaluate_a_run_on_fresh_seeds_logs_metrics(search, tmp_path):
     assert tu.value == pytest.approx(metrics["evaluate.fid.time_uniform"], rel=1e-6)
     study_eval = search["client"].get_run(search["ids"]["time_uniform"]).data.metrics["fid_eval"]
     assert not math.isclose(study_eval, tu.value, rel_tol=1e-6)
+
+
+def test_the_per_sample_methods_of_a_cell_share_one_ld3_start(search):
+    """ld3 start fitted once for oneshot, delta and the oracle (trials in parallel); the delta
+    predictor trained on the optimum of the training seeds says whether it beat LD3."""
+    shared = Path(search["cache"]) / "shared"
+    assert len(list(shared.glob("ld3_start-*.pt"))) == 1 and list(shared.glob("optimum-*.pt"))
+    client = search["client"]
+    run = client.get_run(search["ids"]["delta"])
+    assert {"fid_select", "valid_vs_start_pct", "kept_predictor"} <= set(run.data.metrics)
+    assert "result/schedule.png" in {a.path for a in client.list_artifacts(run.info.run_id, "result")}
 
 
 def test_evaluate_a_predictor_and_refuse_the_oracle(search, tmp_path):

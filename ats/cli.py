@@ -666,9 +666,11 @@ def export(result, source, study, run_id, tracking_uri, cache, fmt, out, batch) 
                                  param_hint="--out")
     out = write_atomic(out,
                        lambda tmp: tmp.write_text(json.dumps({**data, "snippet": snippet}, indent=2) + "\n"))
-    if "timesteps" in data:
+    if "timesteps_error_lambda" in data:
         click.echo(f"timesteps = {data['timesteps']}  (rounded to training steps: up to "
                    f"{data['timesteps_error_lambda']:.2g} in lambda)")
+    elif "timesteps" in data:
+        click.echo(f"timesteps = {[round(t, 4) for t in data['timesteps']]}  (the network's times, sigma * N)")
     click.echo(f"sigmas = {[round(s, 8) for s in data['sigmas']]}  (exact; the model's sigma, no trailing 0)")
     click.echo(f"sigmas_with_zero = {[round(s, 8) for s in data['sigmas_with_zero']]}  (the end replaced by 0)")
     click.echo(f"note: {data['sigmas_convention']}")

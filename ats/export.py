@@ -208,7 +208,8 @@ def diffusers_snippet(export: dict, model_dir: str = MODEL_DIR) -> str:
                   "scheduler.sigmas[-1] = sigmas[-1]             # ... the schedule ends at its last sigma",
                   "timesteps = scheduler.timesteps"]
     else:
-        lines += [f"{takes} = {_values(export[takes]) if takes == 'sigmas' else export[takes]!r}",
+        values = _values(export[takes]) if takes == "sigmas" else repr(export[takes])
+        lines += [f"{takes} = {values}",
                   f"scheduler.set_timesteps({takes}={takes})", "timesteps = scheduler.timesteps"]
     lines.append('print("timesteps", [round(float(t), 4) for t in timesteps])')
     scale = "model_output_scale" in export

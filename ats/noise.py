@@ -190,6 +190,12 @@ class EDMSchedule(NoiseSchedule):
     def inverse_lambda(self, lam: Tensor) -> Tensor:
         return torch.exp(-self._tensor(lam))
 
+    def edm_sigma(self, t: Tensor) -> Tensor:
+        return self._tensor(t).clone()   # sigma is t (a copy: callers may write into the result)
+
+    def inverse_edm_sigma(self, sigma: Tensor) -> Tensor:
+        return self._tensor(sigma).clone()
+
     def __repr__(self) -> str:
         return f"EDMSchedule(sigma_min={self.eps}, sigma_max={self.T})"
 

@@ -192,7 +192,7 @@ def diffusers_snippet(export: dict, model_dir: str = MODEL_DIR) -> str:
     steps = len(export["times"]) - 1
     flags = ", ".join(f"{k}={v!r}" for k, v in s["config"].items())
     offsets = "model_timesteps" in export
-    lines = [f'"""The {export["method"]} schedule fitted by ats ({export["solver"]}, NFE {export["nfe"]}) on '
+    lines = [f'"""The {export["method"]} schedule made by ats ({export["solver"]}, NFE {export["nfe"]}) on '
              f'{export["noise_schedule"]}."""',
              "import os", "", "import torch", f"from diffusers import {cls}, UNet2DModel", "",
              f"MODEL_DIR = {str(model_dir)!r}   # the model folder (a UNet2DModel checkpoint, or a pipeline)",

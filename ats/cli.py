@@ -633,7 +633,8 @@ def sample_command(result, source, study, run_id, tracking_uri, cache, n_samples
 @main.command()
 @_fit_options
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "torch"]), default="diffusers", show_default=True,
-              help="diffusers: a global schedule's timesteps=/sigmas= lists; torch: a predictor as TorchScript.")
+              help="diffusers: a global schedule's timesteps=/sigmas= lists, k-diffusion-style sigma lists "
+                   "and a script that runs it; torch: a predictor as TorchScript.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="diffusers: the JSON file (default diffusers_schedule.json); torch: the folder (default "
                    "exported_predictor/).")
@@ -647,7 +648,7 @@ def export(result, source, study, run_id, tracking_uri, cache, fmt, out, batch) 
     import json
 
     from ats.atomic import write_atomic
-    from ats.export import ExportError, diffusers_schedule, diffusers_snippet, export_torch
+    from ats.export import MODEL_DIR, ExportError, diffusers_schedule, diffusers_snippet, export_torch
 
     try:
         if fmt == "torch":
@@ -659,17 +660,21 @@ def export(result, source, study, run_id, tracking_uri, cache, fmt, out, batch) 
         data = diffusers_schedule(result, source.noise_schedule)
     except ExportError as e:
         raise click.UsageError(str(e))
-    snippet = diffusers_snippet(data)
+    snippet = diffusers_snippet(data, source.info.get("checkpoint", MODEL_DIR))
     out = out or Path("diffusers_schedule.json")
     if out.is_dir() or not out.parent.is_dir():
         raise click.BadParameter(f"{out} is a folder or lies in no folder; give a file path in an existing folder",
                                  param_hint="--out")
     out = write_atomic(out,
                        lambda tmp: tmp.write_text(json.dumps({**data, "snippet": snippet}, indent=2) + "\n"))
-    if "timesteps" in data:
+    if "timesteps_error_lambda" in data:
         click.echo(f"timesteps = {data['timesteps']}  (rounded to training steps: up to "
                    f"{data['timesteps_error_lambda']:.2g} in lambda)")
-    click.echo(f"sigmas = {[round(s, 8) for s in data['sigmas']]}  (exact)")
+    elif "timesteps" in data:
+        click.echo(f"timesteps = {[round(t, 4) for t in data['timesteps']]}  (the network's times, sigma * N)")
+    click.echo(f"sigmas = {[round(s, 8) for s in data['sigmas']]}  (exact; the model's sigma, no trailing 0)")
+    click.echo(f"sigmas_with_zero = {[round(s, 8) for s in data['sigmas_with_zero']]}  (the end replaced by 0)")
+    click.echo(f"note: {data['sigmas_convention']}")
     click.echo(snippet)
     for note in data["notes"]:
         click.echo(f"note: {note}")

@@ -6,6 +6,8 @@
 - ``edm`` / ``poly``: polynomial in the EDM noise level sigma = sigma_t / alpha_t,
   sigma_i = (smax^(1/rho) + i/N (smin^(1/rho) - smax^(1/rho)))^rho, with rho = 7 for
   ``edm`` (Karras et al., 2022) and the given ``rho`` for ``poly``.
+- ``ays_timesteps``: the Align Your Steps reference schedules diffusers ships (SD 1.5, SDXL,
+  SVD), interpolated log-linearly in sigma to other step counts; only for those families.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import operator
 import torch
 from torch import Tensor
 
-from .noise import NoiseSchedule
+from .noise import EDMSchedule, NoiseSchedule, NoiseScheduleVP, interp
 
 KINDS = ("time_uniform", "logSNR", "time_quadratic", "edm", "poly")
 FIXED = KINDS[:4]   # the fixed discretizations every comparison shows (poly needs a degree)
@@ -76,3 +78,68 @@ def get_timesteps(noise_schedule: NoiseSchedule, kind: str, steps: int,
         t = noise_schedule.inverse_edm_sigma(sigma)
     t[0], t[-1] = t_start, t_end
     return t
+
+
+# Align Your Steps (Sabour et al., 2024): diffusers ships the 10-step lists (``AysSchedules``).
+AYS_FAMILIES = {"sd15": "StableDiffusionTimesteps", "sdxl": "StableDiffusionXLTimesteps",
+                "svd": "StableDiffusionVideoSigmas"}
+AYS_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
+                 "StableVideoDiffusionPipeline": "svd"}   # a pipeline's class -> its AYS family
+_SD_SIGMA_MAX, _SVD_SIGMA_MAX = 14.6146, 700.   # the families' largest sigma_t / alpha_t
+
+
+def _check_ays_family(noise_schedule: NoiseSchedule, family: str) -> None:
+    if family not in AYS_FAMILIES:
+        raise ValueError(f"no AYS reference schedule for family {family!r}; diffusers ships "
+                         f"{', '.join(AYS_FAMILIES)} (Stable Diffusion 1.5, SDXL, Stable Video Diffusion)")
+    top = float(noise_schedule.edm_sigma(torch.tensor(noise_schedule.T, dtype=torch.float64)))
+    if family == "svd":
+        fits = isinstance(noise_schedule, EDMSchedule) and abs(top / _SVD_SIGMA_MAX - 1) < 1e-3
+        want = "an EDM schedule with sigma_max 700 (Stable Video Diffusion)"
+    else:
+        fits = isinstance(noise_schedule, NoiseScheduleVP) and noise_schedule.schedule == "discrete" \
+            and noise_schedule.total_N == 1000 and abs(top / _SD_SIGMA_MAX - 1) < 1e-3
+        want = "the Stable Diffusion schedule (1000 scaled_linear DDPM steps, sigma_max 14.6146)"
+    if not fits:
+        raise ValueError(f"the AYS {family} schedule is tuned for {want}, not {noise_schedule!r} "
+                         f"(sigma_max {top:.6g}); it is offered only for the models of its family")
+
+
+def ays_timesteps(noise_schedule: NoiseSchedule, steps: int, family: str, dtype: torch.dtype = torch.float64,
+                  device: torch.device | str | None = None) -> Tensor:
+    """The Align Your Steps reference schedule (Sabour et al., 2024) of ``family`` (``sd15``,
+    ``sdxl``, ``svd``) with ``steps`` steps: N+1 decreasing times.
+
+    Reference: diffusers' ``AysSchedules`` 10-step list (the network's 10 training steps k for
+    SD 1.5 / SDXL, t = (k + 1) / 1000; the 10 nonzero sigmas for SVD, t = sigma), then the
+    schedule's end eps (ats ends there, where AYS lists append sigma 0). Other step counts
+    interpolate log sigma (sigma = sigma_t / alpha_t) linearly over the normalised step index,
+    as AYS does: log sigma_i = interp(i / N, j / 10, log sigma_ref_j); 10 steps are the list itself.
+    The schedule must be of the family (``ValueError`` otherwise).
+    """
+    _check_ays_family(noise_schedule, family)
+    try:
+        n = operator.index(steps)
+    except TypeError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    try:
+        from diffusers.schedulers import AysSchedules
+    except ImportError:
+        raise ImportError("the AYS reference schedules come from diffusers: pip install diffusers") from None
+    ref = torch.tensor(AysSchedules[AYS_FAMILIES[family]], dtype=torch.float64)
+    if family == "svd":
+        ref_t = noise_schedule.inverse_edm_sigma(ref[ref > 0])
+    else:
+        ref_t = (ref + 1) / noise_schedule.total_N
+    ref_t = torch.cat([ref_t, torch.tensor([noise_schedule.eps], dtype=torch.float64)])
+    if n == len(ref_t) - 1:
+        t = ref_t
+    else:
+        log_sigma = torch.log(noise_schedule.edm_sigma(ref_t))
+        u = torch.linspace(0., 1., n + 1, dtype=torch.float64)
+        ref_u = torch.linspace(0., 1., len(ref_t), dtype=torch.float64)
+        t = noise_schedule.inverse_edm_sigma(torch.exp(interp(u, ref_u, log_sigma)))
+        t[0], t[-1] = ref_t[0], ref_t[-1]
+    return t.to(dtype=dtype, device=device)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .methods.common import FitResult
 from .methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler
 from .models.base import ModelSource
-from .noise import EDMSchedule, NoiseSchedule, NoiseScheduleVP
+from .noise import EDMSchedule, NoiseSchedule, NoiseScheduleVP, RectifiedFlowSchedule
 
 EDM_RHO = 7.
 
@@ -43,6 +43,11 @@ def _global_times(result: FitResult, fmt: str) -> Tensor:
     return result.timesteps.detach().to(torch.float64).cpu()
 
 
+FLOW_CONFIG = {"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None, "use_karras_sigmas": False,
+               "use_exponential_sigmas": False, "use_beta_sigmas": False, "invert_sigmas": False,
+               "stochastic_sampling": False}   # sigmas= used as given: the model's sigmas, no shift on top
+
+
 def _scheduler(result: FitResult, steps: int, noise_schedule: NoiseSchedule) -> tuple[str, dict, str]:
     """The diffusers scheduler that runs ``result.solver`` on a custom list, its config flags
     (to match ats), and which list it takes."""
@@ -50,6 +55,8 @@ def _scheduler(result: FitResult, steps: int, noise_schedule: NoiseSchedule) -> 
         return "EDMEulerScheduler", {"sigma_schedule": "karras", "sigma_min": noise_schedule.eps,
                                      "sigma_max": noise_schedule.T, "rho": EDM_RHO,
                                      "final_sigmas_type": "sigma_min"}, "sigmas"
+    if isinstance(noise_schedule, RectifiedFlowSchedule):   # Euler on v = DDIM = DPM-Solver-1 for flows
+        return "FlowMatchEulerDiscreteScheduler", dict(FLOW_CONFIG), "sigmas"
     if result.solver in ("dpm_solver++", "ddim"):   # ats's DDIM (eta 0) is DPM-Solver-1
         order = 1 if result.solver == "ddim" else result.order or 2
         # ats lowers the final orders below 10 steps, diffusers below 15: off for 10..14 steps.
@@ -61,27 +68,52 @@ def _scheduler(result: FitResult, steps: int, noise_schedule: NoiseSchedule) -> 
                                       "use_karras_sigmas": False}, "sigmas"
 
 
+def model_sigmas(noise_schedule: NoiseSchedule, ts: Tensor) -> Tensor:
+    """The noise level the model's own tools use at times ``ts``: sigma_t / alpha_t = exp(-lambda_t)
+    for VP and EDM (k-diffusion's sigma), the flow sigma sigma_t (= shifted t) for rectified flow."""
+    if isinstance(noise_schedule, RectifiedFlowSchedule):
+        return noise_schedule.marginal_std(ts)
+    return torch.exp(-noise_schedule.marginal_lambda(ts))
+
+
+def sigmas_convention(steps: int, last: float) -> str:
+    """How the two sigma lists are meant, for the export's ``sigmas_convention``."""
+    return (f"sigmas: N+1 = {steps + 1} values, the {steps} network calls' noise levels and the end, {last:.6g} "
+            f"(no trailing 0; for samplers that take the whole list and stop at its last value). "
+            f"sigmas_with_zero: the same {steps} calls with the end replaced by 0 (k-diffusion / node-UI custom "
+            f"sigmas that end at 0); its last step lands on sigma 0 instead of {last:.6g}. Samplers that "
+            f"append the 0 themselves take the first {steps} values of either list")
+
+
 def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict:
     """A global schedule as diffusers' ``set_timesteps`` takes it (JSON-ready).
 
-    Keys: ``times`` (ats, N+1), ``sigmas`` (N+1: sigma_t / alpha_t at every time, the last
-    included, so ``sigmas=`` keeps the schedule exactly), and for discrete VP schedules
-    ``timesteps`` (N integer training steps, the points of the N model calls; the end is
-    ``final_sigmas_type="sigma_min"``, training step 0, t = 1/N) with
-    ``timesteps_error_lambda``, the largest |lambda(t) - lambda(rounded t)| over all N+1
-    times (the end included). ``model_timesteps``: where the network is called, when the
-    result has conditioning times. ``scheduler``: the diffusers class and config flags that
-    run ``result.solver`` (or the closest one, see ``notes``); ``notes``: what differs."""
+    Keys: ``times`` (ats, N+1); ``sigmas`` (N+1: the model's sigma at every time, the last
+    included, no trailing 0, so ``sigmas=`` keeps the schedule exactly; ``model_sigmas``) and
+    ``sigmas_with_zero`` (the last replaced by 0, for samplers that end at sigma 0), with
+    ``sigmas_convention`` saying so; ``init_noise_std``: x_T = init_noise_std * N(0, I), ats's
+    start. Discrete VP schedules also give ``timesteps`` (N integer training steps, the points of
+    the N model calls; the end is ``final_sigmas_type="sigma_min"``, training step 0, t = 1/N)
+    with ``timesteps_error_lambda``, the largest |lambda(t) - lambda(rounded t)| over all N+1
+    times (the end included); flow schedules ``timesteps``, diffusers' network times sigma * N
+    (floats). ``model_timesteps``: where the network is called, when the result has
+    conditioning times. ``scheduler``: the diffusers class and config flags that run
+    ``result.solver`` (or the closest one, see ``notes``); ``notes``: what differs."""
     ts = _global_times(result, "diffusers")
     steps = len(ts) - 1
     edm = isinstance(noise_schedule, EDMSchedule)
+    flow = isinstance(noise_schedule, RectifiedFlowSchedule)
     discrete = isinstance(noise_schedule, NoiseScheduleVP) and noise_schedule.schedule == "discrete"
-    if not (edm or discrete):
-        raise ExportError(f"diffusers' VP schedulers are discrete (DDPM training steps) and its EDM ones take sigma; "
-                          f"this schedule's noise schedule {noise_schedule!r} is neither")
+    if not (edm or discrete or flow):
+        raise ExportError(f"diffusers' VP schedulers are discrete (DDPM training steps), its EDM ones take sigma and "
+                          f"its flow ones the flow sigma; this schedule's noise schedule {noise_schedule!r} is none "
+                          "of these")
     lam = noise_schedule.marginal_lambda(ts)
+    sigmas = model_sigmas(noise_schedule, ts).tolist()
     out = {"method": result.method, "solver": result.solver, "order": result.order, "nfe": result.nfe,
-           "noise_schedule": repr(noise_schedule), "times": ts.tolist(), "sigmas": torch.exp(-lam).tolist()}
+           "noise_schedule": repr(noise_schedule), "times": ts.tolist(), "sigmas": sigmas,
+           "sigmas_with_zero": sigmas[:-1] + [0.], "sigmas_convention": sigmas_convention(steps, sigmas[-1]),
+           "init_noise_std": noise_schedule.marginal_std(ts[0]).item()}
     notes = []
     if discrete:
         n_train = noise_schedule.total_N
@@ -95,6 +127,15 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
         if abs(ts[-1].item() - 1 / n_train) > 1e-9:
             notes.append(f"the schedule ends at t = {ts[-1].item():.6g}, diffusers' timesteps= at training step 0 "
                          f"(t = 1/{n_train}); the error is part of timesteps_error_lambda; sigmas= keeps the end")
+    elif flow:
+        out["timesteps"] = [s * noise_schedule.total_N for s in sigmas[:-1]]
+        notes.append(f"FlowMatchEulerDiscreteScheduler with shift=1.0 takes these (already shifted) sigmas as they "
+                     f"are: pass the first {steps} (it appends a terminal 0) and set scheduler.sigmas[-1] to the "
+                     f"last, {sigmas[-1]:.6g}, as the snippet does; left at 0, the last step lands on sigma 0 "
+                     "(the data prediction) instead. Pipelines (pipe(..., sigmas=sigmas[:-1]) with that "
+                     "scheduler) set the timesteps themselves and end at 0")
+        notes.append(f"ats starts from x_T = {out['init_noise_std']:.6g} * N(0, I) at sigma {sigmas[0]:.6g}; "
+                     "pipelines start from unit noise")
     else:
         lo, hi = noise_schedule.eps, noise_schedule.T
         inv = [s ** (1 / EDM_RHO) for s in (hi, lo)]
@@ -104,15 +145,24 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
                      f"appends a copy of the last sigma: stop after the first {steps} steps")
     if result.cond_timesteps is not None:
         cond = result.cond_timesteps.detach().to(torch.float64).cpu()
-        out["model_timesteps"] = (noise_schedule.edm_sigma(cond) if edm else cond * noise_schedule.total_N - 1
-                                  ).tolist()[:-1]
+        network_time = noise_schedule.edm_sigma(cond) if edm else noise_schedule.marginal_std(cond) \
+            * noise_schedule.total_N if flow else cond * noise_schedule.total_N - 1
+        out["model_timesteps"] = network_time.tolist()[:-1]
         notes.append("the network is called at model_timesteps (LD3's offsets), not at the scheduler's "
                      "timesteps: call unet(x, model_timesteps[i]) in the loop and step the scheduler with its own")
+        if flow:   # ats turns v at s into eps = x + alpha_s v; Euler at t then moves along alpha_s / alpha_t v
+            out["model_output_scale"] = (noise_schedule.marginal_alpha(cond) / noise_schedule.marginal_alpha(ts)
+                                         ).tolist()[:-1]
+            notes.append("ats converts the velocity v the network gives at the offset time s into the noise "
+                         "prediction eps = x + (1 - sigma_s) v; the Euler step at sigma_t then moves along "
+                         "(1 - sigma_s) / (1 - sigma_t) v: multiply the network's output by model_output_scale[i]")
     name, config, takes = _scheduler(result, steps, noise_schedule)
-    if result.solver not in ("dpm_solver++", "ddim", "euler") and not edm:
-        notes.append(f"no diffusers scheduler runs {result.solver} on a custom schedule (UniPC takes sigmas= "
-                     f"only for flow models, DDIM/iPNDM neither); {name} with {takes}= runs the same times "
-                     "with another solver")
+    exact = ("ddim", "euler") if flow else ("dpm_solver++", "ddim", "euler")
+    if result.solver not in exact and not edm:
+        notes.append(f"no diffusers scheduler runs {result.solver} on a custom schedule (UniPC takes sigmas= only for "
+                     "flow models, and then rounds the network's timesteps to integers and ends at 0 or at a repeat "
+                     f"of the last sigma; DDIM/iPNDM take none); {name} with {takes}= runs the same times with "
+                     f"{'Euler' if flow or name == 'EulerDiscreteScheduler' else 'DPM-Solver'}")
     if name == "EulerDiscreteScheduler":
         notes.append("EulerDiscreteScheduler works on x / alpha_t: its result times alpha at the last time "
                      f"({math.exp(noise_schedule.marginal_log_mean_coeff(ts[-1]).item()):.8f}) is ats's sample; "
@@ -122,18 +172,76 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
     return out
 
 
-def diffusers_snippet(export: dict) -> str:
-    """A short Python snippet that sets ``export``'s schedule on a diffusers scheduler."""
+MODEL_DIR = "path/to/model"
+
+
+def _values(values: list[float]) -> str:
+    return repr([round(v, 10) for v in values])
+
+
+def diffusers_snippet(export: dict, model_dir: str = MODEL_DIR) -> str:
+    """A complete Python script that loads the scheduler config from the model folder
+    ``model_dir`` (its ``scheduler/`` in a pipeline folder), sets ``export``'s schedule on the
+    scheduler that runs it, prints the timesteps (and ``model_timesteps``, the network's times,
+    where the result has conditioning offsets, with ``model_output_scale`` for flow models) and,
+    for a UNet2DModel folder (ats's diffusers
+    checkpoints: VP and flow models), samples 4 images with the schedule into ``x``."""
     s = export["scheduler"]
+    cls, takes = s["class"], s["takes"]
+    edm, flow = cls == "EDMEulerScheduler", cls == "FlowMatchEulerDiscreteScheduler"
+    steps = len(export["times"]) - 1
     flags = ", ".join(f"{k}={v!r}" for k, v in s["config"].items())
-    edm = s["class"] == "EDMEulerScheduler"
-    values = repr([round(v, 10) for v in (export["edm_ramp"] if edm else export[s["takes"]])])
-    lines = ["import torch"] * edm + [f"from diffusers import {s['class']}",
-             f"scheduler = {s['class']}.from_config(pipe.scheduler.config, {flags})",
-             f"scheduler.set_timesteps({s['takes']}={f'torch.tensor({values})' if edm else values})"]
-    if edm:   # EDMEulerScheduler takes a tensor, not a list
-        lines.append(f"timesteps = scheduler.timesteps[:{len(export['times']) - 1}]")
-    return "\n".join(lines)
+    offsets = "model_timesteps" in export
+    lines = [f'"""The {export["method"]} schedule made by ats ({export["solver"]}, NFE {export["nfe"]}) on '
+             f'{export["noise_schedule"]}."""',
+             "import os", "", "import torch", f"from diffusers import {cls}, UNet2DModel", "",
+             f"MODEL_DIR = {str(model_dir)!r}   # the model folder (a UNet2DModel checkpoint, or a pipeline)",
+             'SUB = "scheduler" if os.path.isdir(os.path.join(MODEL_DIR, "scheduler")) else None',
+             f"scheduler = {cls}.from_pretrained(MODEL_DIR, subfolder=SUB, {flags})"]
+    if edm:   # EDMEulerScheduler takes positions on its Karras ramp, as a tensor
+        lines += [f"edm_ramp = {_values(export['edm_ramp'])}",
+                  "scheduler.set_timesteps(sigmas=torch.tensor(edm_ramp))",
+                  f"timesteps = scheduler.timesteps[:{steps}]   # it appends a copy of the last sigma: stop there"]
+    elif flow:
+        lines += [f"sigmas = {_values(export['sigmas'])}   # the model's sigmas, N + 1, no trailing 0",
+                  "scheduler.set_timesteps(sigmas=sigmas[:-1])   # shift=1.0: as given; it appends 0 ...",
+                  "scheduler.sigmas[-1] = sigmas[-1]             # ... the schedule ends at its last sigma",
+                  "timesteps = scheduler.timesteps"]
+    else:
+        values = _values(export[takes]) if takes == "sigmas" else repr(export[takes])
+        lines += [f"{takes} = {values}",
+                  f"scheduler.set_timesteps({takes}={takes})", "timesteps = scheduler.timesteps"]
+    lines.append('print("timesteps", [round(float(t), 4) for t in timesteps])')
+    scale = "model_output_scale" in export
+    if offsets:
+        lines += ["# where the network is called (LD3's offsets); a tensor: UNet2DModel truncates Python numbers",
+                  f"model_timesteps = torch.tensor({_values(export['model_timesteps'])})",
+                  'print("model_timesteps", [round(float(t), 4) for t in model_timesteps])']
+    if scale:
+        lines.append(f"model_output_scale = {_values(export['model_output_scale'])}   # (1 - sigma_s) / (1 - sigma_t)")
+    if edm:
+        return "\n".join(lines) + "\n"
+    net_time = "model_timesteps[i]" if offsets else "t"
+    lines += ["", "if SUB is None:   # a UNet2DModel checkpoint: sample 4 images with the schedule",
+              "    unet = UNet2DModel.from_pretrained(MODEL_DIR).eval()",
+              "    c, size = unet.config.in_channels, unet.config.sample_size",
+              "    noise = torch.randn(4, c, size, size, generator=torch.Generator().manual_seed(0))"]
+    if cls == "EulerDiscreteScheduler":   # works on x / alpha_t
+        alpha_end = math.exp(-0.5 * math.log1p(export["sigmas"][-1] ** 2))
+        lines += [f"    x = {export['init_noise_std']!r} * noise * (1 + scheduler.sigmas[0] ** 2) ** 0.5   # x_T / alpha",
+                  "    with torch.no_grad():",
+                  "        for i, t in enumerate(timesteps):",
+                  f"            out = unet(scheduler.scale_model_input(x, t), {net_time}).sample",
+                  "            x = scheduler.step(out, t, x).prev_sample",
+                  f"    x = x * {alpha_end!r}   # back from x / alpha_t"]
+    else:
+        lines += [f"    x = {export['init_noise_std']!r} * noise   # x_T as ats starts",
+                  "    with torch.no_grad():",
+                  "        for i, t in enumerate(timesteps):",
+                  f"            out = unet(x, {net_time}).sample" + (" * model_output_scale[i]" if scale else ""),
+                  "            x = scheduler.step(out, t, x).prev_sample"]
+    lines.append('    print("samples", tuple(x.shape), "in", (x.min().item(), x.max().item()))')
+    return "\n".join(lines) + "\n"
 
 
 class _Schedule(nn.Module):

@@ -1,6 +1,8 @@
 """Noise schedules of diffusion models in continuous time.
 
-x_t = alpha_t * x_0 + sigma_t * eps and lambda_t = log(alpha_t / sigma_t). The method
+x_t = alpha_t * x_0 + sigma_t * eps and lambda_t = log(alpha_t / sigma_t). Three families:
+variance preserving (``NoiseScheduleVP``), EDM / variance exploding (``EDMSchedule``) and
+rectified flow / flow matching (``RectifiedFlowSchedule``). The method
 names follow DPM-Solver (``marginal_log_mean_coeff``, ``marginal_std``, ...), so code
 written against DPM-Solver's ``NoiseScheduleVP`` reads the same here. Every method takes
 a tensor ``t`` of any shape and is differentiable in it.
@@ -188,5 +190,83 @@ class EDMSchedule(NoiseSchedule):
     def inverse_lambda(self, lam: Tensor) -> Tensor:
         return torch.exp(-self._tensor(lam))
 
+    def edm_sigma(self, t: Tensor) -> Tensor:
+        return self._tensor(t).clone()   # sigma is t (a copy: callers may write into the result)
+
+    def inverse_edm_sigma(self, sigma: Tensor) -> Tensor:
+        return self._tensor(sigma).clone()
+
     def __repr__(self) -> str:
         return f"EDMSchedule(sigma_min={self.eps}, sigma_max={self.T})"
+
+
+class RectifiedFlowSchedule(NoiseSchedule):
+    """Rectified flow / flow matching (SD3-, FLUX-class models; diffusers'
+    ``FlowMatchEulerDiscreteScheduler``) with a static ``shift`` s.
+
+    The model's noise level (diffusers' sigma) is sigma_t = s t / (1 + (s - 1) t) and
+    x_t = (1 - sigma_t) x_0 + sigma_t eps, so
+
+        alpha_t = 1 - sigma_t = (1 - t) / (1 + (s - 1) t),   alpha_t + sigma_t = 1,
+        lambda_t = log((1 - t) / t) - log s,   inverse_lambda: t = 1 / (1 + s e^lambda),
+        edm_sigma = sigma_t / alpha_t = s t / (1 - t);
+
+    with s = 1, alpha_t = 1 - t and sigma_t = t. ats time t is the unshifted time: the values
+    ``set_timesteps(sigmas=...)`` takes before it applies the shift, and the network's time
+    input is diffusers' timestep sigma_t * N (N = ``num_train_timesteps``). The shift is a
+    constant offset in lambda: uniform-lambda schedules are the same times for any s, while
+    ``time_uniform`` is the scheduler's own kind of default (uniform before the shift).
+
+    eps = 1 / N: the scheduler's sigma_min. T = 1 - 1 / N: the training grid's second point
+    (t = 1 is pure noise, alpha = 0 and lambda = -inf, where solvers in lambda cannot start;
+    diffusers starts there, ats at sigma_T = s (N - 1) / (s (N - 1) + 1), about 1 / (s N) below).
+    Valid times: (0, T].
+    """
+
+    def __init__(self, shift: float = 1., num_train_timesteps: int = 1000) -> None:
+        if not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"RectifiedFlowSchedule: shift must be a positive number, got {shift!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+            raise ValueError(f"RectifiedFlowSchedule: num_train_timesteps must be an integer >= 2, "
+                             f"got {num_train_timesteps!r}")
+        self.shift, self.total_N = float(shift), num_train_timesteps
+        self.log_shift = math.log(self.shift)
+        self.T, self.eps = 1. - 1. / num_train_timesteps, 1. / num_train_timesteps
+        self.t_min, self.t_max = 0., self.T
+
+    def marginal_log_mean_coeff(self, t: Tensor) -> Tensor:
+        t = self._tensor(t)
+        return torch.log1p(-t) - torch.log1p((self.shift - 1.) * t)
+
+    def marginal_std(self, t: Tensor) -> Tensor:
+        """The model's sigma: s t / (1 + (s - 1) t)."""
+        t = self._tensor(t)
+        return self.shift * t / (1. + (self.shift - 1.) * t)
+
+    def marginal_lambda(self, t: Tensor) -> Tensor:
+        t = self._tensor(t)
+        return torch.log1p(-t) - torch.log(t) - self.log_shift
+
+    def marginal_coeffs(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t = self._tensor(t)
+        denom = 1. + (self.shift - 1.) * t
+        return (1. - t) / denom, self.shift * t / denom, self.marginal_lambda(t)
+
+    def inverse_lambda(self, lam: Tensor) -> Tensor:
+        return torch.sigmoid(-self._tensor(lam) - self.log_shift)
+
+    def edm_sigma(self, t: Tensor) -> Tensor:
+        t = self._tensor(t)
+        return self.shift * t / (1. - t)
+
+    def inverse_edm_sigma(self, sigma: Tensor) -> Tensor:
+        sigma = self._tensor(sigma)
+        return sigma / (self.shift + sigma)
+
+    def inverse_model_sigma(self, sigma: Tensor) -> Tensor:
+        """t from the model's sigma: sigma / (s - (s - 1) sigma), the inverse of ``marginal_std``."""
+        sigma = self._tensor(sigma)
+        return sigma / (self.shift - (self.shift - 1.) * sigma)
+
+    def __repr__(self) -> str:
+        return f"RectifiedFlowSchedule(shift={self.shift!r}, N={self.total_N})"

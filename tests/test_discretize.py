@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from ats.discretize import KINDS, get_timesteps
-from ats.noise import EDMSchedule, NoiseScheduleVP
+from ats.discretize import AYS_FAMILIES, KINDS, ays_timesteps, get_timesteps
+from ats.noise import EDMSchedule, NoiseScheduleVP, RectifiedFlowSchedule
 
 SCHEDULES = [NoiseScheduleVP("linear"), NoiseScheduleVP("cosine"),
-             NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000)), EDMSchedule()]
+             NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000)), EDMSchedule(),
+             RectifiedFlowSchedule(3.0)]
 
 
 @pytest.mark.parametrize("ns", SCHEDULES, ids=repr)
@@ -49,3 +50,53 @@ def test_edm_schedule_is_karras_sigmas():
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         get_timesteps(NoiseScheduleVP("linear"), **kwargs)
+
+
+def ays_schedule(family: str):
+    """The noise schedule of an AYS family: SD 1.5 / SDXL's scaled_linear DDPM betas, SVD's EDM range."""
+    if family == "svd":
+        return EDMSchedule(0.002, 700.)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return NoiseScheduleVP("discrete", betas=betas)
+
+
+@pytest.mark.parametrize("family", list(AYS_FAMILIES))
+def test_ays_reproduces_diffusers_lists_and_interpolates(family):
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.schedulers.AysSchedules
+    ns = ays_schedule(family)
+    t = ays_timesteps(ns, 10, family)
+    assert t.shape == (11,) and t[-1].item() == ns.eps
+    if family == "svd":
+        assert t[:-1].tolist() == ref["StableDiffusionVideoSigmas"][:-1]            # t is sigma
+    else:
+        name = "StableDiffusionTimesteps" if family == "sd15" else "StableDiffusionXLTimesteps"
+        assert (t[:-1] * 1000 - 1).round().long().tolist() == ref[name]
+        assert torch.allclose(t[:-1] * 1000 - 1, torch.tensor(ref[name], dtype=torch.float64), atol=1e-9)
+        sigmas = ref[name.replace("Timesteps", "Sigmas")][:-1]                   # AYS's sigmas, 3 decimals
+        torch.testing.assert_close(ns.edm_sigma(t[:-1]), torch.tensor(sigmas, dtype=torch.float64),
+                                   rtol=3e-3, atol=2e-3)
+    log_sigma = torch.log(ns.edm_sigma(t))
+    for steps in (1, 4, 5, 7, 20, 31):
+        u = ays_timesteps(ns, steps, family)
+        assert u.shape == (steps + 1,) and (u.diff() < 0).all() and (u[0], u[-1]) == (t[0], t[-1])
+        if 10 % steps == 0:                                                       # on the reference grid
+            torch.testing.assert_close(u, t[::10 // steps])
+        # log sigma is linear in the step index between the reference points
+        pos = torch.linspace(0, 10, steps + 1, dtype=torch.float64)
+        lo = pos.floor().long().clamp(max=9)
+        expected = log_sigma[lo] + (pos - lo) * (log_sigma[lo + 1] - log_sigma[lo])
+        torch.testing.assert_close(torch.log(ns.edm_sigma(u)), expected)
+
+
+def test_ays_only_for_its_families():
+    with pytest.raises(ValueError, match="no AYS reference schedule for family 'sd3'; diffusers ships sd15, sdxl, svd"):
+        ays_timesteps(ays_schedule("sd15"), 10, "sd3")
+    with pytest.raises(ValueError, match="tuned for the Stable Diffusion schedule .* not NoiseScheduleVP"):
+        ays_timesteps(NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000)), 10, "sd15")
+    with pytest.raises(ValueError, match="sigma_max 700"):
+        ays_timesteps(EDMSchedule(), 10, "svd")
+    with pytest.raises(ValueError, match="tuned for"):
+        ays_timesteps(RectifiedFlowSchedule(3.0), 10, "sdxl")
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        ays_timesteps(ays_schedule("sdxl"), 0, "sdxl")

@@ -23,14 +23,14 @@ from click.testing import CliRunner
 from diffusers import DPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscreteScheduler
 
 from ats.discretize import get_timesteps
-from ats.export import ExportError, diffusers_schedule, diffusers_snippet, export_torch
+from ats.export import MODEL_DIR, ExportError, diffusers_schedule, diffusers_snippet, export_torch
 from ats.methods.common import FitResult
 from ats.methods.results import save_result
 from ats.methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler
 from ats.models import model_wrapper
 from ats.models.digits import load_digits_unet
 from ats.models.sources import load_source
-from ats.noise import EDMSchedule
+from ats.noise import EDMSchedule, RectifiedFlowSchedule
 from ats.solvers import sample
 from ats.cli import main
 
@@ -105,13 +105,14 @@ def test_sigmas_match_ats_exactly_placed(digits):
     assert (y - ref_called).abs().max() < 2e-5
 
 
-def test_edm_snippet_sets_the_sigmas():
+def test_edm_snippet_sets_the_sigmas(tmp_path):
     """EDM schedules: the snippet's Karras-ramp positions give EDMEulerScheduler the times."""
     ns = EDMSchedule()
     ts = get_timesteps(ns, "logSNR", 5)
-    code = diffusers_snippet(diffusers_schedule(FitResult("ld3", "euler", None, 5, timesteps=ts), ns))
-    scope = {"pipe": type("Pipe", (), {"scheduler": EDMEulerScheduler()})()}
-    exec(code, scope)
+    EDMEulerScheduler().save_pretrained(tmp_path / "scheduler")          # a pipeline folder's layout
+    code = diffusers_snippet(diffusers_schedule(FitResult("ld3", "euler", None, 5, timesteps=ts), ns), tmp_path)
+    scope = {}
+    exec(compile(code, "snippet", "exec"), scope)
     assert torch.allclose(scope["scheduler"].sigmas[:-1].double(), ts, rtol=1e-6)   # float32 in diffusers
     assert len(scope["timesteps"]) == 5
 
@@ -122,11 +123,14 @@ def test_cli_diffusers_end_to_end(tmp_path):
     res = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "result.pt"), "--format", "diffusers",
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "scheduler.set_timesteps(timesteps=[999, 622, 353, 150, 41])" in res.output
+    assert "timesteps = [999, 622, 353, 150, 41]\nscheduler.set_timesteps(timesteps=timesteps)" in res.output
     data = json.loads(out.read_text())
     assert data["timesteps"] == [999, 622, 353, 150, 41] and len(data["sigmas"]) == 6
     assert data["scheduler"]["config"]["final_sigmas_type"] == "sigma_min"
-    assert "DPMSolverMultistepScheduler.from_config" in data["snippet"]
+    assert "DPMSolverMultistepScheduler.from_pretrained(MODEL_DIR, subfolder=SUB" in data["snippet"]
+    assert f"MODEL_DIR = {MODEL_DIR!r}" in data["snippet"]      # digits has no folder: the placeholder
+    assert "sigmas_with_zero = [" in res.output and "no trailing 0" in res.output
+    compile(data["snippet"], "snippet", "exec")
 
 
 def predictor_result(kind: str, source) -> FitResult:
@@ -204,3 +208,93 @@ def test_a_heun_schedule_exports_its_network_calls(digits):
                                 source.noise_schedule)
     assert (export["nfe"], export["order"], len(export["sigmas"])) == (5, 2, 4)
     assert any("no diffusers scheduler runs heun" in note for note in export["notes"])
+
+
+def test_sigma_lists_state_their_convention(digits):
+    """k-diffusion-style lists: N+1 model sigmas ending at the last one (sigma_t / alpha_t for VP,
+    the flow sigma for rectified flow), and the same with the end replaced by 0."""
+    ns = digits[0].noise_schedule
+    export = diffusers_schedule(FitResult("ld3", "dpm_solver++", 2, 5, timesteps=TIMES), ns)
+    sigmas = torch.tensor(export["sigmas"], dtype=torch.float64)
+    torch.testing.assert_close(sigmas, ns.edm_sigma(TIMES))
+    assert export["sigmas_with_zero"] == export["sigmas"][:-1] + [0.0] and len(export["sigmas_with_zero"]) == 6
+    assert "no trailing 0" in export["sigmas_convention"] and "first 5 values" in export["sigmas_convention"]
+    assert export["init_noise_std"] == pytest.approx(ns.marginal_std(TIMES[0]).item())
+    flow = RectifiedFlowSchedule(3.0)
+    ts = get_timesteps(flow, "logSNR", 4)
+    export = diffusers_schedule(FitResult("ld3", "uni_pc", 3, 4, timesteps=ts), flow)
+    torch.testing.assert_close(torch.tensor(export["sigmas"], dtype=torch.float64), 3 * ts / (1 + 2 * ts))
+    assert export["sigmas_with_zero"][-1] == 0 and export["scheduler"]["class"] == "FlowMatchEulerDiscreteScheduler"
+    assert export["timesteps"] == pytest.approx([1000 * s for s in export["sigmas"][:-1]])
+    assert any("no diffusers scheduler runs uni_pc" in note for note in export["notes"])
+
+
+@pytest.fixture(scope="module")
+def flow_source(tmp_path_factory):
+    from test_flow import make_flow_checkpoint
+    from ats.models.diffusers_unet import cifar10_source
+    return cifar10_source(make_flow_checkpoint(tmp_path_factory.mktemp("flow") / "flow-tiny"))
+
+
+# An LD3-like flow schedule (ats times, unshifted) and conditioning offsets (zero at both ends).
+FLOW_TIMES = torch.tensor([0.999, 0.8, 0.55, 0.3, 0.12, 0.001], dtype=torch.float64)
+FLOW_OFFSETS = torch.tensor([0., 0.01, -0.01, 0.02, 0.005, 0.], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("solver,offsets", [("euler", False), ("ddim", True)])
+def test_flow_export_runs_in_flow_match_euler(flow_source, solver, offsets):
+    """The exported snippet, executed against the saved flow model folder, samples with
+    FlowMatchEulerDiscreteScheduler what ats's Euler / DDIM samples on the same schedule (the
+    network called at the LD3 offsets where the result has them)."""
+    ns, folder = flow_source.noise_schedule, flow_source.info["checkpoint"]
+    cond = FLOW_TIMES + FLOW_OFFSETS if offsets else None
+    export = diffusers_schedule(FitResult("ld3", solver, None, 5, timesteps=FLOW_TIMES, cond_timesteps=cond), ns)
+    assert export["scheduler"]["takes"] == "sigmas" and not any("no diffusers" in n for n in export["notes"])
+    code = diffusers_snippet(export, folder)
+    scope = {}
+    exec(compile(code, "snippet", "exec"), scope)
+    assert ("model_timesteps" in scope) == offsets and ("model_output_scale" in scope) == offsets
+    torch.testing.assert_close(scope["scheduler"].sigmas.double(), ns.marginal_std(FLOW_TIMES), rtol=1e-6, atol=0)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    with torch.no_grad():
+        ref = sample(flow_source.model_fn, ns, noise.double() * export["init_noise_std"], FLOW_TIMES, solver,
+                     cond_timesteps=cond)
+    assert (ref - noise).abs().max() > 0.5
+    assert (scope["x"] - ref).abs().max() < 1e-5
+
+
+def test_cli_exports_a_flow_schedule_with_its_folder(flow_source, tmp_path):
+    folder = flow_source.info["checkpoint"]
+    save_result(FitResult("ld3", "euler", None, 5, timesteps=FLOW_TIMES,
+                          info={"noise_schedule": repr(flow_source.noise_schedule)}), tmp_path / "result.pt")
+    res = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "result.pt"), "--dataset", "cifar10",
+                                    "--checkpoint", folder, "--out", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["noise_schedule"] == "RectifiedFlowSchedule(shift=3.0, N=1000)"
+    assert f"MODEL_DIR = {folder!r}" in data["snippet"] and "scheduler.sigmas[-1] = sigmas[-1]" in res.output
+
+
+@pytest.mark.parametrize("solver", ["dpm_solver++", "euler"])
+def test_vp_snippet_samples_a_unet_folder(tmp_path, solver):
+    """The VP snippets run on a saved DDPM UNet2DModel folder: DPMSolverMultistepScheduler gives
+    ats's DPM-Solver++ samples on the rounded times; EulerDiscreteScheduler (on x / alpha_t) ats's
+    Euler on the exact times with the network called where diffusers calls it."""
+    from test_cifar10 import make_checkpoint
+    from ats.models.diffusers_unet import cifar10_source
+    make_checkpoint(tmp_path / "ddpm")
+    source = cifar10_source(tmp_path / "ddpm")
+    export = diffusers_schedule(FitResult("ld3", solver, None, 5, timesteps=TIMES), source.noise_schedule)
+    scope = {}
+    exec(compile(diffusers_snippet(export, tmp_path / "ddpm"), "snippet", "exec"), scope)
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x = noise.double() * export["init_noise_std"]
+    with torch.no_grad():
+        if solver == "euler":
+            called = torch.cat([(scope["timesteps"].to(torch.float64) + 1) / 1000, TIMES[-1:]])
+            ref = sample(source.model_fn, source.noise_schedule, x, TIMES, "euler", cond_timesteps=called)
+        else:
+            rounded = (torch.tensor(export["timesteps"] + [0], dtype=torch.float64) + 1) / 1000
+            ref = sample(source.model_fn, source.noise_schedule, x, rounded, "dpm_solver++", order=2)
+    # the random U-Net's noise predictions send x0 to a few hundred: compare relative to that (float32 steps)
+    assert (ref - noise).abs().max() > 0.5 and (scope["x"] - ref).abs().max() < 2e-6 * ref.abs().max()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ats.noise import EDMSchedule, NoiseScheduleVP
+from ats.noise import EDMSchedule, NoiseScheduleVP, RectifiedFlowSchedule
 
 BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 SCHEDULES = {
@@ -11,6 +11,7 @@ SCHEDULES = {
     "discrete-betas": lambda: NoiseScheduleVP("discrete", betas=BETAS),
     "discrete-alphas": lambda: NoiseScheduleVP("discrete", alphas_cumprod=torch.cumprod(1 - BETAS, 0)),
     "edm": lambda: EDMSchedule(),
+    "flow": lambda: RectifiedFlowSchedule(3.0),
 }
 
 
@@ -39,6 +40,9 @@ def test_any_shape_and_consistency(ns):
     torch.testing.assert_close(alpha, torch.exp(ns.marginal_log_mean_coeff(t)))
     if isinstance(ns, NoiseScheduleVP):
         torch.testing.assert_close(alpha ** 2 + sigma ** 2, torch.ones_like(t))
+    elif isinstance(ns, RectifiedFlowSchedule):
+        torch.testing.assert_close(alpha + sigma, torch.ones_like(t))
+        torch.testing.assert_close(sigma, ns.shift * t / (1 + (ns.shift - 1) * t))
     else:
         torch.testing.assert_close(sigma, t)
 

@@ -5,12 +5,13 @@ import torch
 
 from ats.models import model_wrapper
 from ats.models.wrapper import expand_dims
-from ats.noise import EDMSchedule, NoiseScheduleVP
+from ats.noise import EDMSchedule, NoiseScheduleVP, RectifiedFlowSchedule
 
 SCHEDULES = {
     "discrete": NoiseScheduleVP("discrete", betas=torch.linspace(1e-4, 0.02, 1000)),
     "linear": NoiseScheduleVP("linear"),
     "edm": EDMSchedule(),
+    "flow": RectifiedFlowSchedule(3.0),
 }
 
 
@@ -21,7 +22,8 @@ def exact(gmm, ns, x, t):
 
 
 def convert(model_type, eps, x0, alpha, sigma):
-    return {"noise": eps, "x_start": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma, "edm": x0}[model_type]
+    return {"noise": eps, "x_start": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma, "edm": x0,
+            "flow": eps - x0}[model_type]
 
 
 def network(gmm, ns, model_type):
@@ -34,6 +36,8 @@ def network(gmm, ns, model_type):
         if model_type == "edm":
             t = ns.inverse_edm_sigma(t_input)
             x = x_in * expand_dims(ns.marginal_alpha(t), x_in.ndim)
+        elif isinstance(ns, RectifiedFlowSchedule):   # diffusers' timestep: the flow sigma * 1000
+            t, x = ns.inverse_model_sigma(t_input / 1000.), x_in
         else:
             t = t_input / 1000. + 1. / ns.total_N if discrete else t_input
             x = x_in
@@ -45,7 +49,7 @@ def network(gmm, ns, model_type):
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-@pytest.mark.parametrize("model_type", ["noise", "x_start", "v", "score", "edm"])
+@pytest.mark.parametrize("model_type", ["noise", "x_start", "v", "score", "edm", "flow"])
 @pytest.mark.parametrize("guidance_type", ["uncond", "classifier", "classifier-free"])
 def test_every_model_type_with_every_guidance(gmm, schedule, model_type, guidance_type):
     ns = SCHEDULES[schedule]

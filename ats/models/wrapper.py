@@ -4,13 +4,18 @@ Follows DPM-Solver's ``model_wrapper``: the solvers only ever see a noise predic
 continuous time t, whatever the network predicts and whatever time input it expects.
 
 Time input: discrete-time VP models (``NoiseScheduleVP('discrete')``) get
-(t - 1/N) * 1000, continuous ones t, and EDM denoisers (``model_type="edm"``) the noise
-level sigma = sigma_t / alpha_t together with x / alpha_t (Karras et al., 2022).
+(t - 1/N) * 1000, flow models (``RectifiedFlowSchedule``) diffusers' timestep sigma_t * N
+(the shifted sigma times ``num_train_timesteps``), continuous ones t, and EDM denoisers
+(``model_type="edm"``) the noise level sigma = sigma_t / alpha_t together with x / alpha_t
+(Karras et al., 2022).
 
 Conversions to the noise prediction eps (x_t = alpha_t x0 + sigma_t eps):
 noise: eps; x_start: (x - alpha_t x0) / sigma_t; v (= alpha_t eps - sigma_t x0):
 (alpha_t v + sigma_t x) / (alpha_t^2 + sigma_t^2), which is alpha_t v + sigma_t x for VP;
-score: -sigma_t * score; edm: (x - alpha_t D(x / alpha_t; sigma)) / sigma_t.
+score: -sigma_t * score; edm: (x - alpha_t D(x / alpha_t; sigma)) / sigma_t;
+flow (the velocity v = eps - x0 of rectified flow / flow matching): x = alpha_t x0 + sigma_t eps
+= (alpha_t + sigma_t) eps - alpha_t v, so eps = (x + alpha_t v) / (alpha_t + sigma_t), which is
+x + alpha_t v = x + (1 - sigma_t) v when alpha_t + sigma_t = 1 (and x0 = x - sigma_t v).
 """
 from __future__ import annotations
 
@@ -19,10 +24,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-from ..noise import NoiseSchedule, NoiseScheduleVP
+from ..noise import NoiseSchedule, NoiseScheduleVP, RectifiedFlowSchedule
 from ..tensors import expand_dims
 
-MODEL_TYPES = ("noise", "x_start", "v", "score", "edm")
+MODEL_TYPES = ("noise", "x_start", "v", "score", "edm", "flow")
 GUIDANCE_TYPES = ("uncond", "classifier", "classifier-free")
 
 
@@ -70,10 +75,13 @@ def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: st
         if unconditional_condition is not None:
             unconditional_condition = cond_process_fn(unconditional_condition)
     discrete = isinstance(noise_schedule, NoiseScheduleVP) and noise_schedule.schedule == "discrete"
+    flow = isinstance(noise_schedule, RectifiedFlowSchedule)
 
     def time_input(t: Tensor) -> Tensor:
         if model_type == "edm":
             return noise_schedule.edm_sigma(t)
+        if flow:
+            return noise_schedule.marginal_std(t) * noise_schedule.total_N
         if discrete:
             return (t - 1. / noise_schedule.total_N) * 1000.
         return t
@@ -89,6 +97,8 @@ def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: st
             return (x - alpha * out) / sigma
         if model_type == "v":
             return (alpha * out + sigma * x) / (alpha ** 2 + sigma ** 2)
+        if model_type == "flow":
+            return (x + alpha * out) / (alpha + sigma)
         return -sigma * out
 
     def cond_grad(x: Tensor, t: Tensor) -> Tensor:

@@ -117,7 +117,7 @@ def plot_fid_vs_nfe(rows: Sequence, path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xticks(sorted({r.nfe for r in rows}))
     ax.set_xlabel("NFE")
-    ax.set_ylabel("FID (95 % interval)")
+    ax.set_ylabel(f"{rows[0].fid.metric if rows else 'FID'} (95 % interval)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return _save_figure(fig, path)
@@ -139,9 +139,9 @@ def plot_fid_intervals(rows: Sequence, path: str | Path) -> Path:
                     color=color, capsize=3)
     ax.set_yticks(range(len(rows)), [r.name + (" (baseline)" if r.kind == "baseline" else "") for r in rows])
     if rows:
-        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: FID on {rows[0].fid.n} samples, 95 % intervals",
-                     fontsize="small")
-    ax.set_xlabel("FID")
+        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: {rows[0].fid.metric} on {rows[0].fid.n} samples, "
+                     "95 % intervals", fontsize="small")
+    ax.set_xlabel(rows[0].fid.metric if rows else "FID")
     ax.grid(alpha=0.3, axis="x")
     if ref is not None:
         ax.legend(fontsize="small", loc="upper right")

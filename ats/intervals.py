@@ -114,6 +114,11 @@ FID = "FID"
 TEACHER_L2 = "L2 to the teacher (no FID reference)"   # what ranks schedules of a model without an FID reference
 
 
+def score_label(score: str) -> str:
+    """A score's name in short (``FID``, ``L2``), for lines like ``FID select 1.23``."""
+    return "FID" if score == FID else "L2"
+
+
 @dataclass
 class FidEstimate:
     """A FID with the bootstrap replicates it came with; ``seeds`` names the seed set (split,

@@ -153,16 +153,22 @@ def save_side_by_side(images: dict[str, Tensor], path: str | Path, scale: int | 
     """One ``image_grid`` per entry ([B, C, H, W] in [-1, 1], the same seeds under several
     schedules), left to right, each under its name; a PNG (temporary file, then rename);
     ``scale`` default ``grid_scale``."""
-    from PIL import Image, ImageDraw
     scale = scale or grid_scale(next(iter(images.values())))
-    grids = [image_grid(x, scale=scale).numpy() for x in images.values()]
+    return save_grids_side_by_side({name: image_grid(x, scale=scale).numpy() for name, x in images.items()}, path,
+                                   gap)
+
+
+def save_grids_side_by_side(pictures: dict[str, np.ndarray], path: str | Path, gap: int = 8) -> Path:
+    """Pictures (uint8 [H, W, C], C = 1 or 3: image grids) left to right, each under its name; a PNG."""
+    from PIL import Image, ImageDraw
+    grids = [g if g.ndim == 3 else g[:, :, None] for g in pictures.values()]
     label_h = 14
     width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
     height = max(g.shape[0] for g in grids) + label_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for name, grid in zip(images, grids):
+    for name, grid in zip(pictures, grids):
         canvas.paste(Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).convert("RGB"), (x, label_h))
         draw.text((x + 2, 1), name, fill="black")
         x += grid.shape[1] + gap

@@ -30,6 +30,7 @@ the UNet, text encoder, tokenizer, scheduler, prompts and guidance, not the VAE.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -277,10 +278,10 @@ def folder_digest(folder: Path) -> dict[str, str]:
     return out
 
 
-def _load(cls: Any, folder: Path, what: str) -> Any:
+def _load(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(folder)`` from local files; a one-line ValueError when it fails."""
     try:
-        return cls.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True, **kwargs)
     except Exception as e:
         raise ValueError(f"cannot load {what} from {folder} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                          "the files are missing, corrupt or of another architecture") from None
@@ -342,8 +343,10 @@ def pipeline_source(checkpoint: str | Path, prompts: str | Path | None = None, g
     make_metric = _metric_factory(inception_weights, fid_reference)
     ns, model_type = scheduler_schedule(layout.scheduler, path / "scheduler" / "scheduler_config.json")
     diffusers = _import("diffusers")
-    unet = _load(diffusers.UNet2DConditionModel, path / "unet", "the UNet").eval().requires_grad_(False)
-    vae = _load(diffusers.AutoencoderKL, path / "vae", "the VAE").eval().requires_grad_(False)
+    # without accelerate, diffusers falls back to a full-memory load anyway, with a warning each time
+    quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    unet = _load(diffusers.UNet2DConditionModel, path / "unet", "the UNet", **quiet).eval().requires_grad_(False)
+    vae = _load(diffusers.AutoencoderKL, path / "vae", "the VAE", **quiet).eval().requires_grad_(False)
     cfg = unet.config
     cross = cfg.encoder_hid_dim or cfg.cross_attention_dim
     context_dim = cross if isinstance(cross, int) else cross[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..intervals import FID, TEACHER_L2
 from ..noise import NoiseSchedule, NoiseScheduleVP
 from ..options import Option, did_you_mean, parse_options
 from .base import ModelSource
@@ -30,6 +31,7 @@ class Dataset:
     has_real_data: bool
     check_files: Callable[..., list[str]] = field(default=lambda **options: [])
     flags: dict[str, str] = field(default_factory=dict)   # CLI flag names that differ from the option's
+    score: Callable[..., str] = field(default=lambda **options: FID)   # what ranks schedules: FID or TEACHER_L2
 
     def parse(self, options: dict[str, Any] | None, path: str = "model") -> dict[str, Any]:
         """The model options with defaults filled in, checked (``OptionError`` on a bad one)."""
@@ -42,6 +44,11 @@ class Dataset:
     def noise_schedule(self, **options: Any) -> NoiseSchedule:
         """The noise schedule, without loading the network."""
         return self.schedule(**self.parse(options))
+
+    def score_name(self, **options: Any) -> str:
+        """What ranks schedules of the model with these options: ``FID``, or without an FID
+        reference ``TEACHER_L2`` (``ats.metrics.TeacherDistance``)."""
+        return self.score(**self.parse(options))
 
     def problems(self, **options: Any) -> list[str]:
         """What is missing on disk for these options, one line each (empty: ready to run)."""
@@ -147,7 +154,8 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         "fid_reference": Option("fid_reference", _STR_OR_NONE, None,
                                 help="diffusers: real-image statistics (.npz with mu, sigma) or a folder of images; "
                                      "without one, schedules are ranked by the L2 to the teacher."),
-    }, _diffusers, _diffusers_schedule, has_real_data=False, check_files=_diffusers_problems),
+    }, _diffusers, _diffusers_schedule, has_real_data=False, check_files=_diffusers_problems,
+        score=lambda fid_reference=None, **options: FID if fid_reference else TEACHER_L2),
 )}
 
 

@@ -348,4 +348,4 @@ def test_search_one_trial_on_a_latent_pipeline(models, tmp_path):
     assert fids["select"]["metric"] == TEACHER_L2
     from PIL import Image
     side_by_side = Image.open(folder / "summary" / "samples-dpm_solver++-nfe3.png")
-    assert side_by_side.size[1] == 14 + 3 * (16 * 4 + 1) + 1   # names over 3 x 3 grids of decoded 16 x 16 images
+    assert side_by_side.size[1] == 14 + 2 * (16 * 4 + 1) + 1   # names over 2 x 3 grids of decoded 16 x 16 images

@@ -217,6 +217,9 @@ def sample_labels(source: ModelSource, result: FitResult, seeds: Sequence[int], 
         return source.labels(seeds)
     if result.tied_to_seeds:
         raise ValueError("oracle schedules belong to the seeds and labels they were fitted on; leave out --label")
+    if source.num_prompts:
+        raise ValueError(f"--label picks a class, and {source.name} is text-conditional: each seed has its own prompt "
+                         "of --prompts (for one prompt, give a prompts file that holds only it)")
     if not source.num_classes:
         raise ValueError(f"--label needs a class-conditional model, and {source.name} is unconditional "
                          "(digits is class-conditional with classifier-free guidance: a study's "

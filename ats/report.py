@@ -115,7 +115,8 @@ def verdict(rows: Sequence[Row]) -> str:
 def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_ids: bool = False,
                select: bool = False):
     """FID ± half-width (or the score that stands in for it: ``score_name``), paired change
-    against the reference (named in the header) and LD3, L2 to the teacher; methods in bold,
+    against the reference (named in the header) and LD3, L2 to the teacher (a column of its own
+    where the score is FID); methods in bold,
     significant changes marked. Solver and NFE columns only when the rows differ in them (else
     they belong in the title)."""
     from rich.table import Table
@@ -131,7 +132,8 @@ def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_
         cols.append("vs ld3")
     if select:
         cols.append("FID select" if score == FID else "L2 select")
-    cols.append("L2 to teacher")
+    if score == FID:   # else the score is the L2 to the teacher already
+        cols.append("L2 to teacher")
     if run_ids:
         cols.append("MLflow run")
     for col in cols:
@@ -143,7 +145,8 @@ def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_
             cells.append(r.vs_ld3.text())
         if select:
             cells.append(_num(r.fid_select))
-        cells.append(_num(r.l2))
+        if "L2 to teacher" in cols:
+            cells.append(_num(r.l2))
         if run_ids:
             cells.append(r.run_id or "")
         table.add_row(*(cells if r.kind == "baseline" else (f"[bold]{c}[/bold]" for c in cells)))

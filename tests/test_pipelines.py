@@ -324,6 +324,14 @@ def test_fit_a_predictor_through_the_cli(models, tmp_path):
     predictor = load_result(tmp_path / "oneshot" / "result.pt").predictor
     assert predictor.config["shape"] == [4, 8, 8] and predictor.config["num_classes"] == 0
     assert "best method oneshot" in " ".join(result.output.split())
+    model = ["--dataset", "diffusers", "--checkpoint", str(models["text"]), "--prompts", str(models["prompts"]),
+             "--guidance-scale", "2"]
+    result = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "oneshot" / "result.pt"), *model,
+                                       "--format", "torch", "--out", str(tmp_path / "exported")])
+    assert result.exit_code == 2 and "is text-conditional" in result.output and "--format diffusers" in result.output
+    result = CliRunner().invoke(main, ["sample", "--schedule", str(tmp_path / "oneshot" / "result.pt"), *model,
+                                       "--n", "2", "--label", "0", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 2 and "each seed has its own prompt" in result.output
 
 
 def test_search_one_trial_on_a_latent_pipeline(models, tmp_path):

@@ -266,6 +266,13 @@ def test_pipelines_ats_cannot_drive_get_one_line_errors(models, tmp_path):
         load_source("diffusers")
 
 
+def test_a_missing_optional_dependency_names_the_extra(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)   # as if it were not installed
+    result = CliRunner().invoke(main, ["teacher", "--dataset", "diffusers", "--checkpoint", str(models["text"]),
+                                       "--prompts", str(models["prompts"])])
+    assert result.exit_code == 2 and "needs transformers: pip install 'ats[diffusers]'" in result.output
+
+
 def test_prompts_files_errors(models, tmp_path):
     checkpoint = str(models["text"])
     with pytest.raises(ValueError, match="a text-to-image pipeline needs --prompts FILE"):

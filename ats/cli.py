@@ -82,7 +82,8 @@ def model_flags(f):
     for flag, owners in reversed(DATASET_FLAGS.items()):
         ds, name = next(iter(owners.items()))
         option = DATASETS[ds].options[name]
-        wrapper = click.option(flag, type=_flag_type(option), default=None, help=option.help)(wrapper)
+        helps = " ".join(dict.fromkeys(DATASETS[d].options[n].help for d, n in owners.items()))
+        wrapper = click.option(flag, type=_flag_type(option), default=None, help=helps)(wrapper)
     return wrapper
 
 
@@ -92,7 +93,8 @@ def model_options(dataset: str, flags: dict) -> dict:
     for flag, value in flags.items():
         owners = DATASET_FLAGS[flag]
         if dataset not in owners:
-            raise click.UsageError(f"{flag} is an option of dataset {', '.join(owners)}, not {dataset}")
+            raise click.UsageError(f"{flag} is an option of dataset{'s' if len(owners) > 1 else ''} "
+                                   f"{', '.join(owners)}, not {dataset}")
         model[owners[dataset]] = value
     return model
 
@@ -110,7 +112,8 @@ def dataset_options(default: str = "gmm"):
                 raise click.UsageError(str(e))
             return f(*args, source=source, **kwargs)
         return click.option("--dataset", default=default, show_default=True, type=click.Choice(tuple(DATASETS)),
-                            help="Model source: gmm (analytic), digits (shipped U-Net), cifar10 (--checkpoint)."
+                            help="Model source: gmm (analytic), digits (shipped U-Net), cifar10 (--checkpoint), "
+                                 "diffusers (--checkpoint: any diffusers UNet2DModel or latent pipeline folder)."
                             )(wrapper)
     return decorate
 
@@ -156,8 +159,12 @@ def compare(source, solvers, nfes, discretizations, metric, n_samples, seed, jso
             reference = reference_solution(source, x, labels)
         score, title = reference, "mean L2 error to the reference"
     else:
+        from ats.metrics import TeacherDistance
         with console.status("FID reference statistics"):
             score = source.make_metric()
+        if isinstance(score, TeacherDistance):
+            raise click.UsageError(f"{source.name} has no FID reference: pass --fid-reference, or use --metric l2 "
+                                   "(the distance to a 1000-step reference solution)")
         title = "FID" if len(source.shape) == 3 else "Frechet distance"
     total = len(solvers) * len(nfes) * len(discretizations)
     rows = list(track(evaluate_table(source, x, labels, score, solvers, nfes, discretizations,
@@ -271,7 +278,7 @@ def teacher(source, solver, order, nfe, discretization, n_samples, seed, split, 
         if len(source.shape) != 3:
             raise click.UsageError(f"--grid needs an image dataset; {source.name} samples are points")
         from ats.plots import save_image_grid
-        click.echo(f"grid: {save_image_grid(data.targets[:64], grid)}")
+        click.echo(f"grid: {save_image_grid(source.images(data.targets[:64]), grid)}")
 
 
 def check_out_folder(out: Path) -> None:
@@ -559,7 +566,7 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     from ats.report import console as report_console
     from rich.progress import Progress
 
-    from ats.evaluate import baseline_problem, check_baselines, compare_on_eval, run_metrics
+    from ats.evaluate import baseline_problem, check_baselines, compare_on_eval, run_metrics, teacher_count
     from ats.report import rich_table, verdict, write_json
     from ats.teacher import TeacherConfig
 
@@ -579,13 +586,17 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
     for name in [b for b in names if baseline_problem(source, result, b)]:
         console.print(f"baseline {name} left out: {baseline_problem(source, result, name)}")
         names.remove(name)
+    try:
+        metric = source.make_metric()
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise click.UsageError(str(e))
     with Progress(console=console, transient=True) as bar:
-        tasks = {"teacher": bar.add_task("teacher targets (L2 column)", total=min(n_samples, L2_SAMPLES)),
+        tasks = {"teacher": bar.add_task("teacher targets", total=teacher_count(metric, n_samples)),
                  "sampling": bar.add_task(f"sampling {n_samples} per schedule", total=len(names) + 1)}
         try:
             rows = compare_on_eval(source, result, n_samples, study.teacher if study else TeacherConfig(), cache,
                                    start, names, study.n_train if study else 50,
-                                   lambda task, k: bar.update(tasks[task], advance=k))
+                                   lambda task, k: bar.update(tasks[task], advance=k), metric)
         except ValueError as e:
             raise click.UsageError(str(e))
     caption = (f"{n_samples} evaluation samples ({start}..{start + n_samples - 1} of the eval split); "

@@ -52,8 +52,8 @@ def evaluate_table(source: ModelSource, x: Tensor, labels: Tensor | None, score:
                    solvers: Iterable[str], nfes: Iterable[int], kinds: Iterable[str],
                    seeds: str = "") -> Iterator[Row]:
     """One row per (solver, NFE, discretization) with a valid step count. ``score`` is a
-    reference solution (rows give the mean L2 distance to it) or a Frechet metric (FID, its
-    bootstrap on the seed set named ``seeds``)."""
+    reference solution (rows give the mean L2 distance to it) or a Frechet metric (FID of the
+    samples as images, ``source.images``; its bootstrap on the seed set named ``seeds``)."""
     for solver in solvers:
         for n in nfes:
             steps = steps_for_nfe(solver, n)
@@ -69,5 +69,5 @@ def evaluate_table(source: ModelSource, x: Tensor, labels: Tensor | None, score:
                     half = Z95 * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else math.nan
                     yield Row(solver, n, kind, d.mean().item(), d.mean().item() - half, d.mean().item() + half)
                 else:
-                    est = frechet_estimate(score, out, seeds)
+                    est = frechet_estimate(score, source.images(out), seeds)
                     yield Row(solver, n, kind, est.fid, est.low, est.high, est)

@@ -23,7 +23,7 @@ from .methods.common import FitResult
 from .methods.results import GIVE, load_result, result_from_data, sample_result
 from .intervals import FidEstimate
 from .losses import l2_loss
-from .metrics import frechet_estimate
+from .metrics import TeacherDistance, frechet_estimate
 from .models.base import ModelSource
 from .report import Row, compare, rich_table
 from .teacher import DEFAULT_CACHE, TeacherConfig, generate_teacher, split_seeds
@@ -68,27 +68,45 @@ def check_baselines(source: ModelSource, result: FitResult, names: Sequence[str]
             raise ValueError(f"baseline {name}: {reason}; leave {name} out of the baselines")
 
 
+def teacher_count(metric, n: int) -> int:
+    """How many of n scored seeds need teacher targets: all of them where the teacher distance
+    is the score (``TeacherDistance``), else the first ``L2_SAMPLES`` (the L2 column)."""
+    return n if isinstance(metric, TeacherDistance) else min(n, L2_SAMPLES)
+
+
+def score_samples(source: ModelSource, metric, out: Tensor, targets: Tensor, seeds: str) -> tuple[FidEstimate, float]:
+    """The score of samples ``out`` on the seed set ``seeds``: FID of their images
+    (``source.images``) with its bootstrap, or the ``TeacherDistance`` to ``targets`` (the
+    teacher's samples of every seed); and the mean L2 to the teacher on the first
+    ``L2_SAMPLES``. Diverged samples score NaN."""
+    m = min(len(out), L2_SAMPLES)
+    l2 = l2_loss(out[:m], targets[:m].to(out.device)).mean().item()
+    if isinstance(metric, TeacherDistance):
+        return metric.estimate(out, targets, seeds), l2
+    if not torch.isfinite(out).all():
+        return FidEstimate.diverged(len(out), seeds), l2
+    return frechet_estimate(metric, source.images(out), seeds), l2
+
+
 def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
                     cache: str | Path, start: int = 0, baselines: Sequence[str] = FIXED, n_train: int = 50,
-                    progress: Progress | None = None) -> list[Row]:
+                    progress: Progress | None = None, metric=None) -> list[Row]:
     """Every baseline, then the fit (absent for oracle schedules), on evaluation samples
-    start..start+n_eval-1: FID with its bootstrap, the paired change against the best baseline
-    on these seeds, and the mean L2 to the teacher on the first ``L2_SAMPLES`` of them."""
+    start..start+n_eval-1: FID (``metric``, default ``source.make_metric()``; without an FID
+    reference the L2 to the teacher) with its bootstrap, the paired change against the best
+    baseline on these seeds, and the mean L2 to the teacher on the first ``L2_SAMPLES`` of them."""
     seeds = split_seeds("eval", n_eval, start)
-    m = min(n_eval, L2_SAMPLES)
-    targets = generate_teacher(source, seeds[:m], teacher, cache, dtype=source.dtype,
+    metric = source.make_metric() if metric is None else metric
+    targets = generate_teacher(source, seeds[:teacher_count(metric, n_eval)], teacher, cache, dtype=source.dtype,
                                progress=progress and (lambda k: progress("teacher", k))).targets
     x, labels = source.latents(seeds, dtype=source.dtype), source.labels(seeds)
-    metric = source.make_metric()
     fits = [baseline_result(source, name, result.solver, result.nfe, result.order, n_train, cache)
             for name in baselines] + ([] if result.tied_to_seeds else [result])
     rows = []
     for i, fit in enumerate(fits):
         out = sample_result(source, fit, x, labels)[0]
-        fid = (frechet_estimate(metric, out, seed_set("eval", n_eval, start)) if torch.isfinite(out).all()
-               else FidEstimate.diverged(n_eval, seed_set("eval", n_eval, start)))
-        rows.append(Row(fit.method, result.solver, result.nfe, fid, "baseline" if i < len(baselines) else "method",
-                        l2_loss(out[:m], targets).mean().item()))
+        fid, l2 = score_samples(source, metric, out, targets, seed_set("eval", n_eval, start))
+        rows.append(Row(fit.method, result.solver, result.nfe, fid, "baseline" if i < len(baselines) else "method", l2))
         if progress:
             progress("sampling", 1)
     compare(rows)
@@ -199,6 +217,9 @@ def sample_labels(source: ModelSource, result: FitResult, seeds: Sequence[int], 
         return source.labels(seeds)
     if result.tied_to_seeds:
         raise ValueError("oracle schedules belong to the seeds and labels they were fitted on; leave out --label")
+    if source.num_prompts:
+        raise ValueError(f"--label picks a class, and {source.name} is text-conditional: each seed has its own prompt "
+                         "of --prompts (for one prompt, give a prompts file that holds only it)")
     if not source.num_classes:
         raise ValueError(f"--label needs a class-conditional model, and {source.name} is unconditional "
                          "(digits is class-conditional with classifier-free guidance: a study's "
@@ -225,9 +246,10 @@ def save_samples(source: ModelSource, samples: dict[str, Tensor], path: str | Pa
     models a scatter of the first two coordinates over exact samples of the mixture."""
     from .plots import plot_points, save_image_grid, save_side_by_side
     if len(source.shape) == 3:
-        if len(samples) == 1:
-            return save_image_grid(next(iter(samples.values())), path)
-        return save_side_by_side(samples, path)
+        images = {name: source.images(x) for name, x in samples.items()}
+        if len(images) == 1:
+            return save_image_grid(next(iter(images.values())), path)
+        return save_side_by_side(images, path)
     gmm = source.info.get("gmm")
     reference = None if gmm is None else gmm.sample(2000, generator=torch.Generator().manual_seed(0))
     return plot_points(samples, path, reference=reference)

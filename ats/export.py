@@ -332,6 +332,10 @@ def export_torch(result: FitResult, source: ModelSource, out: str | Path, batch:
                               "schedule.json); --format torch is for the oneshot and delta predictors")
         raise ExportError(f"{result.method} holds schedules of its own fitted samples only, no predictor to export; "
                           "its per-sample schedules are in the run's per_sample.npz")
+    if source.num_prompts:
+        raise ExportError(f"{source.name} is text-conditional: its prompt embeddings are looked up outside what "
+                          "--format torch traces, so the export would keep the prompts of its tracing batch; sample "
+                          "the predictor with ats (ats sample), or export a global schedule with --format diffusers")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sampler = PredictorSampler(result.predictor.eval(), source, result.solver, result.order,

@@ -119,14 +119,26 @@ def paired_mean_change(new: np.ndarray, old: np.ndarray) -> Change:
     return Change(d.mean() * scale, (d.mean() - half) * scale, (d.mean() + half) * scale)
 
 
+FID = "FID"
+TEACHER_L2 = "L2 to the teacher (no FID reference)"   # what ranks schedules of a model without an FID reference
+
+
+def score_label(score: str) -> str:
+    """A score's name in short (``FID``, ``L2``), for lines like ``FID select 1.23``."""
+    return "FID" if score == FID else "L2"
+
+
 @dataclass
 class FidEstimate:
     """A FID with the bootstrap replicates it came with; ``seeds`` names the seed set (split,
-    first sample, count), so only estimates on the same seeds are paired."""
+    first sample, count), so only estimates on the same seeds are paired. ``metric`` names the
+    score: ``FID``, or for a model without an FID reference ``TEACHER_L2``, the mean L2
+    distance to the teacher (``ats.metrics.TeacherDistance``), bootstrapped the same way."""
     fid: float
     n: int
     seeds: str
     replicates: np.ndarray = field(repr=False)
+    metric: str = FID
 
     @property
     def sd(self) -> float:
@@ -154,6 +166,8 @@ class FidEstimate:
         """100 (FID - FID_ref) / FID_ref with the paired bootstrap interval (same replicates)."""
         if reference.seeds != self.seeds:
             raise ValueError(f"a paired change needs the same seeds: {self.seeds} against {reference.seeds}")
+        if reference.metric != self.metric:
+            raise ValueError(f"a paired change needs the same score: {self.metric} against {reference.metric}")
         if not (math.isfinite(self.fid) and math.isfinite(reference.fid) and reference.fid > 0):
             return NO_CHANGE   # a diverged sampler has no FID to compare
         if len(reference.replicates) != len(self.replicates):
@@ -166,12 +180,13 @@ class FidEstimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"fid": self.fid, "fid_low": self.low, "fid_high": self.high, "n": self.n, "seeds": self.seeds,
-                "replicates": [float(r) for r in self.replicates]}
+                "replicates": [float(r) for r in self.replicates], "metric": self.metric}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FidEstimate":
-        return cls(float(data["fid"]), int(data["n"]), data["seeds"], np.asarray(data["replicates"], dtype=float))
+        return cls(float(data["fid"]), int(data["n"]), data["seeds"], np.asarray(data["replicates"], dtype=float),
+                   data.get("metric", FID))
 
     @classmethod
-    def diverged(cls, n: int, seeds: str) -> "FidEstimate":
-        return cls(math.nan, n, seeds, np.empty(0))
+    def diverged(cls, n: int, seeds: str, metric: str = FID) -> "FidEstimate":
+        return cls(math.nan, n, seeds, np.empty(0), metric)

@@ -8,7 +8,9 @@ changes with the data:
 - digits: the 128-d features of the digits classifier the project trains and ships;
 - gmm: the raw coordinates (a Frechet distance between Gaussians fitted to the points).
 Images reach any extractor through one fixed clamp-and-quantize to uint8 (``to_uint8``),
-never a per-image min-max rescale.
+never a per-image min-max rescale. A model without an FID reference (dataset ``diffusers``
+without ``--fid-reference``) is scored by ``TeacherDistance`` instead: the mean L2 distance to
+the teacher's samples from the same x_T, with the same paired bootstrap.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .intervals import BOOTSTRAP, FidEstimate, bootstrap_fids, real_statistics
+from .intervals import BOOTSTRAP, TEACHER_L2, FidEstimate, bootstrap_counts, bootstrap_fids, real_statistics
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_ENV = "ATS_INCEPTION_WEIGHTS"
@@ -108,6 +110,24 @@ def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int | No
         mu, cov = real_statistics(metric)
         reps = bootstrap_fids(features, mu, cov, replicates).cpu().numpy()
     return FidEstimate(fid, len(features), seeds, reps)
+
+
+class TeacherDistance:
+    """The score of a model without an FID reference: d_i = ||x_i - x0*_i||_2, the distance of
+    each sample to the teacher's from the same x_T (in the space samples live in: latents for
+    latent models), averaged over the seeds; bootstrap replicate b is sum_i w_bi d_i / n with
+    the multiplicities ``bootstrap_counts(n)`` that FID's replicates use, so changes between
+    schedules on the same seeds are paired as FID's are."""
+    name = TEACHER_L2
+
+    def estimate(self, samples: Tensor, targets: Tensor, seeds: str = "", replicates: int = BOOTSTRAP) -> FidEstimate:
+        if len(samples) != len(targets):
+            raise ValueError(f"{len(samples)} samples against {len(targets)} teacher targets; score the same seeds")
+        if not torch.isfinite(samples).all():
+            return FidEstimate.diverged(len(samples), seeds, self.name)
+        d = (samples.double() - targets.to(samples.device).double()).flatten(1).norm(dim=1).cpu()
+        reps = (bootstrap_counts(len(d), replicates).double() @ d / len(d)).numpy() if replicates > 0 else np.empty(0)
+        return FidEstimate(float(d.mean()), len(d), seeds, reps, self.name)
 
 
 def frechet_distance(metric, fake: Tensor) -> float:

@@ -117,7 +117,7 @@ def plot_fid_vs_nfe(rows: Sequence, path: str | Path) -> Path:
     ax.set_yscale("log")
     ax.set_xticks(sorted({r.nfe for r in rows}))
     ax.set_xlabel("NFE")
-    ax.set_ylabel("FID (95 % interval)")
+    ax.set_ylabel(f"{rows[0].fid.metric if rows else 'FID'} (95 % interval)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return _save_figure(fig, path)
@@ -139,9 +139,9 @@ def plot_fid_intervals(rows: Sequence, path: str | Path) -> Path:
                     color=color, capsize=3)
     ax.set_yticks(range(len(rows)), [r.name + (" (baseline)" if r.kind == "baseline" else "") for r in rows])
     if rows:
-        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: FID on {rows[0].fid.n} samples, 95 % intervals",
-                     fontsize="small")
-    ax.set_xlabel("FID")
+        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: {rows[0].fid.metric} on {rows[0].fid.n} samples, "
+                     "95 % intervals", fontsize="small")
+    ax.set_xlabel(rows[0].fid.metric if rows else "FID")
     ax.grid(alpha=0.3, axis="x")
     if ref is not None:
         ax.legend(fontsize="small", loc="upper right")
@@ -153,16 +153,22 @@ def save_side_by_side(images: dict[str, Tensor], path: str | Path, scale: int | 
     """One ``image_grid`` per entry ([B, C, H, W] in [-1, 1], the same seeds under several
     schedules), left to right, each under its name; a PNG (temporary file, then rename);
     ``scale`` default ``grid_scale``."""
-    from PIL import Image, ImageDraw
     scale = scale or grid_scale(next(iter(images.values())))
-    grids = [image_grid(x, scale=scale).numpy() for x in images.values()]
+    return save_grids_side_by_side({name: image_grid(x, scale=scale).numpy() for name, x in images.items()}, path,
+                                   gap)
+
+
+def save_grids_side_by_side(pictures: dict[str, np.ndarray], path: str | Path, gap: int = 8) -> Path:
+    """Pictures (uint8 [H, W, C], C = 1 or 3: image grids) left to right, each under its name; a PNG."""
+    from PIL import Image, ImageDraw
+    grids = [g if g.ndim == 3 else g[:, :, None] for g in pictures.values()]
     label_h = 14
     width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
     height = max(g.shape[0] for g in grids) + label_h
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     x = 0
-    for name, grid in zip(images, grids):
+    for name, grid in zip(pictures, grids):
         canvas.paste(Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).convert("RGB"), (x, label_h))
         draw.text((x + 2, 1), name, fill="black")
         x += grid.shape[1] + gap

@@ -11,8 +11,10 @@ from rich.table import Table
 
 
 class TrialTable:
-    def __init__(self, live: bool = True, console: Console | None = None, every: float = 0.5) -> None:
+    def __init__(self, live: bool = True, console: Console | None = None, every: float = 0.5,
+                 score: str = "FID") -> None:
         self.console = console or Console()
+        self.score = score   # what ranks the trials, in short: FID, or L2 (to the teacher) without an FID reference
         self.rows: dict[str, dict] = {}
         self.every, self.last = every, 0.0
         self.live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False) \
@@ -50,20 +52,20 @@ class TrialTable:
 
     def render(self) -> Table:
         table = Table(title="trials", expand=False)
-        for col in ("trial", "method", "solver", "NFE", "status", "phase", "step", "loss", "FID select"):
-            table.add_column(col, justify="right" if col in ("NFE", "step", "loss", "FID select") else "left")
+        select = f"{self.score} select"
+        for col in ("trial", "method", "solver", "NFE", "status", "phase", "step", "loss", select):
+            table.add_column(col, justify="right" if col in ("NFE", "step", "loss", select) else "left")
         for trial_id, r in self.rows.items():
             table.add_row(trial_id, r["method"], r["solver"], str(r["nfe"]), r.get("status", ""), r.get("phase", ""),
                           str(r.get("step", "")), _num(r.get("loss")), _fid(r))
         return table
 
-    @staticmethod
-    def line(trial_id: str, r: dict) -> str:
+    def line(self, trial_id: str, r: dict) -> str:
         if r["status"] == "RETRYING":
             return f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: crashed, retrying"
         if r["status"] == "FAILED":
             return f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FAILED ({r.get('error', '')})"
-        return (f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: FID select {_fid(r)} "
+        return (f"trial {trial_id} {r['method']} {r['solver']} NFE {r['nfe']}: {self.score} select {_fid(r)} "
                 f"({r.get('fit_seconds', math.nan):.0f} s fit)")
 
     def stop(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .atomic import write_atomic
-from .intervals import NO_CHANGE, Change, FidEstimate
+from .intervals import FID, NO_CHANGE, Change, FidEstimate
 
 SIGNIFICANT = "*: the paired 95 % interval of the change excludes 0"
 
@@ -49,6 +49,12 @@ class Row:
         if math.isfinite(self.vs_ld3.pct):
             out.update(vs_ld3_pct=self.vs_ld3.pct, vs_ld3_low=self.vs_ld3.low, vs_ld3_high=self.vs_ld3.high)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+def score_name(rows: Sequence[Row]) -> str:
+    """What the rows' scores are: ``FID``, or where the model has no FID reference
+    ``L2 to the teacher (no FID reference)`` (``ats.intervals.TEACHER_L2``)."""
+    return next((r.fid.metric for r in rows), FID)
 
 
 def console():
@@ -91,7 +97,7 @@ def verdict(rows: Sequence[Row]) -> str:
     if not methods:
         return f"no method finished; the best baseline is {ref}" if ref else "nothing finished"
     best = min(methods, key=lambda r: r.fid.fid)
-    head = f"{best.solver} NFE {best.nfe}: best method {best.name}, FID {best.fid.text()}"
+    head = f"{best.solver} NFE {best.nfe}: best method {best.name}, {score_name(rows)} {best.fid.text()}"
     if ref is None:
         return head
     c = best.vs_baseline
@@ -108,19 +114,26 @@ def verdict(rows: Sequence[Row]) -> str:
 
 def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_ids: bool = False,
                select: bool = False):
-    """FID ± half-width, paired change against the reference (named in the header) and LD3,
-    L2 to the teacher; methods in bold, significant changes marked. Solver and NFE columns
-    only when the rows differ in them (else they belong in the title)."""
+    """FID ± half-width (or the score that stands in for it: ``score_name``), paired change
+    against the reference (named in the header) and LD3, L2 to the teacher (a column of its own
+    where the score is FID); methods in bold,
+    significant changes marked. Solver and NFE columns only when the rows differ in them (else
+    they belong in the title)."""
     from rich.table import Table
     ref = next((r.reference for r in rows if r.reference), "best baseline")
-    table = Table(title=title, caption="\n".join(c for c in (caption, SIGNIFICANT) if c))
+    score = score_name(rows)
+    note = None if score == FID else f"ranked by the {score}: the mean distance to the teacher's samples from the " \
+                                     "same noise, on all of these seeds"
+    table = Table(title=title, caption="\n".join(c for c in (caption, note, SIGNIFICANT) if c))
     cells_vary = len({(r.solver, r.nfe) for r in rows}) > 1
-    cols = ["schedule"] + (["solver", "NFE"] if cells_vary else []) + ["FID ± 95 %", f"vs {ref} (best baseline)"]
+    cols = ["schedule"] + (["solver", "NFE"] if cells_vary else []) + [f"{score} ± 95 %",
+                                                                       f"vs {ref} (best baseline)"]
     if any(math.isfinite(r.vs_ld3.pct) for r in rows):
         cols.append("vs ld3")
     if select:
-        cols.append("FID select")
-    cols.append("L2 to teacher")
+        cols.append("FID select" if score == FID else "L2 select")
+    if score == FID:   # else the score is the L2 to the teacher already
+        cols.append("L2 to teacher")
     if run_ids:
         cols.append("MLflow run")
     for col in cols:
@@ -132,7 +145,8 @@ def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_
             cells.append(r.vs_ld3.text())
         if select:
             cells.append(_num(r.fid_select))
-        cells.append(_num(r.l2))
+        if "L2 to teacher" in cols:
+            cells.append(_num(r.l2))
         if run_ids:
             cells.append(r.run_id or "")
         table.add_row(*(cells if r.kind == "baseline" else (f"[bold]{c}[/bold]" for c in cells)))
@@ -142,8 +156,8 @@ def rich_table(rows: Sequence[Row], title: str, caption: str | None = None, run_
 def markdown(rows: Sequence[Row]) -> str:
     """The table as Markdown (``summary.md``)."""
     ref = next((r.reference for r in rows if r.reference), "best baseline")
-    lines = [f"| schedule | solver | NFE | FID ± 95 % | n | vs {ref} (best baseline) | vs ld3 | L2 to teacher | "
-             "MLflow run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| schedule | solver | NFE | {score_name(rows)} ± 95 % | n | vs {ref} (best baseline) | vs ld3 | "
+             "L2 to teacher | MLflow run |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.label} | {r.solver} | {r.nfe} | {r.fid.text()} | {r.fid.n} | {r.vs_baseline.text()} | "
                      f"{r.vs_ld3.text()} | {_num(r.l2)} | {r.run_id or ''} |")

@@ -134,6 +134,10 @@ class Study:
         """The model's noise schedule, without loading the network."""
         return get_dataset(self.dataset).noise_schedule(**self.model)
 
+    def score_name(self) -> str:
+        """What ranks the study's schedules: ``FID``, or ``TEACHER_L2`` for a model without an FID reference."""
+        return get_dataset(self.dataset).score_name(**self.model)
+
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved study in the YAML layout (plain lists and dicts)."""
         return {

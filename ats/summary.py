@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 
 from .atomic import write_atomic
 from .cells import Cell
+from .intervals import score_label
 from .report import Row, compare, markdown, rich_table, verdict, write_json
 from .study import Study
 
@@ -161,19 +162,21 @@ def _plot_schedules(folders: dict[str, Path], noise_schedule, path: Path, title:
 
 
 def _samples_side_by_side(folders: dict[str, Path], path: Path) -> None:
-    """The first evaluation seeds under every baseline and the chosen trial of every method."""
+    """The first evaluation seeds under every baseline and the chosen trial of every method: their
+    folders' image grids (``samples.png``: for latent models the decoded images, which
+    ``samples.pt`` does not hold), else scatter plots of their points."""
+    import numpy as np
     import torch
+    from PIL import Image
 
-    from .plots import plot_points, save_side_by_side
-    samples = {name: torch.load(f / "samples.pt", weights_only=True) for name, f in folders.items()
-               if (f / "samples.pt").exists()}
-    if not samples:
+    from .plots import plot_points, save_grids_side_by_side
+    have = {name: f for name, f in folders.items() if (f / "samples.pt").exists()}
+    if not have:
         return
-    first = next(iter(samples.values()))
-    if first.ndim == 4:
-        save_side_by_side(samples, path)
+    if all((f / "samples.png").exists() for f in have.values()):
+        save_grids_side_by_side({name: np.asarray(Image.open(f / "samples.png")) for name, f in have.items()}, path)
     else:
-        plot_points(samples, path)
+        plot_points({name: torch.load(f / "samples.pt", weights_only=True) for name, f in have.items()}, path)
 
 
 def _solver_nfes(rows: list[Row]) -> list[tuple[str, int]]:
@@ -191,9 +194,10 @@ def print_table(console, study: Study, rows: list[Row], folder: Path, interrupte
     resume an interrupted search and where its runs are (``runs_url``)."""
     cells = _solver_nfes(rows)
     where = f", {cells[0][0]} NFE {cells[0][1]}" if len(cells) == 1 else ""
-    console.print(rich_table(rows, f"{study.name}{where}: FID on {study.n_eval} held-out evaluation samples",
-                             f"each method: its trial of lowest FID on {study.n_select} selection samples; "
-                             f"reference: the baseline of lowest FID on the selection samples", select=True))
+    score = score_label(study.score_name())
+    console.print(rich_table(rows, f"{study.name}{where}: {score} on {study.n_eval} held-out evaluation samples",
+                             f"each method: its trial of lowest {score} on {study.n_select} selection samples; "
+                             f"reference: the baseline of lowest {score} on the selection samples", select=True))
     for cell in cells:
         console.print(verdict(_at(rows, cell)))
     chosen = [f"{r.name}{'' if len(cells) == 1 else f' {r.solver} NFE {r.nfe}'} {r.run_id}" for r in rows

@@ -21,13 +21,11 @@ import torch
 
 from .atomic import write_atomic
 from .discretize import KINDS
-from .evaluate import L2_SAMPLES, baseline_result, seed_set
+from .evaluate import baseline_result, score_samples, seed_set, teacher_count
 from .intervals import FidEstimate
 from .methods import METHODS, FitContext, fit_method
 from .methods.common import FitResult
 from .methods.results import load_result, sample_result, save_result, save_schedule_json, with_schedules
-from .losses import l2_loss
-from .metrics import frechet_estimate
 from .models.base import ModelSource
 from .models.sources import get_dataset
 from .study import Study
@@ -109,10 +107,12 @@ def score(study: Study, source: ModelSource, result: FitResult, options: dict[st
         own = METHODS[result.method].schedules_for(ctx, result, options, split_data(study, source, split, cache, device))
         result = with_schedules(result, own)
     out, schedules = sample_result(source, result, x, labels)
-    m = min(n, L2_SAMPLES)
-    targets = split_data(study, source, split, cache, device, n=m).targets
-    return SplitScore(frechet_estimate(source.make_metric(), out, seed_set(split, n)),
-                      l2_loss(out[:m], targets).mean().item(), out[:GRID_SAMPLES], schedules)
+    if not torch.isfinite(out).all():
+        raise ValueError("samples contain NaN or inf; the sampler diverged, so no FID is computed")
+    metric = source.make_metric()
+    targets = split_data(study, source, split, cache, device, n=teacher_count(metric, n)).targets
+    fid, l2 = score_samples(source, metric, out, targets, seed_set(split, n))
+    return SplitScore(fid, l2, out[:GRID_SAMPLES], schedules)
 
 
 def start_metrics(result: FitResult) -> dict[str, float]:
@@ -213,7 +213,7 @@ def write_folder(scored: Scored, source: ModelSource, out: str | Path,
                              reference=None if start is None else torch.tensor(start))
     write_atomic(out / "samples.pt", lambda tmp: torch.save(scored.samples, tmp))   # first evaluation seeds
     if len(source.shape) == 3:
-        save_image_grid(scored.samples, out / "samples.png")
+        save_image_grid(source.images(scored.samples), out / "samples.png")
     return out
 
 

@@ -33,6 +33,8 @@ from ray import tune
 from . import tracking
 from .atomic import write_atomic
 from .cells import Cell
+from .intervals import score_label
+from .models.sources import get_dataset
 from .report import Row
 from .study import Study, load_study, write_study
 from .summary import TrialRecord, best_trials, print_table, summarize
@@ -281,7 +283,8 @@ class TrackingCallback(tune.Callback):
     def setup(self, **info) -> None:
         from .progress import TrialTable
         ProgressBoard.options(name=BOARD, namespace=NAMESPACE, get_if_exists=True, num_cpus=0).remote()
-        self._display = TrialTable(live=self.live)
+        score = get_dataset(self.study["dataset"]).score_name(**self.study["model"])
+        self._display = TrialTable(live=self.live, score=score_label(score))
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -545,7 +548,8 @@ def run_baselines(study: Study, spec: dict, folder: Path, state: SearchState, tr
         state.baselines = done
         state.save(folder)
         console.print(f"baseline {cell.method:>14} {cell.solver} NFE {cell.nfe}: "
-                      f"FID select {metrics['fid_select']:.4g}, eval {metrics['fid_eval']:.4g}")
+                      f"{score_label(study.score_name())} select {metrics['fid_select']:.4g}, "
+                      f"eval {metrics['fid_eval']:.4g}")
     return done
 
 
@@ -662,6 +666,6 @@ def evaluate_chosen(study: Study, spec: dict, folder: Path, state: SearchState, 
         state.evaluated = done
         state.save(folder)
         console.print(f"chosen {entry['method']:>10} {entry['solver']} NFE {entry['nfe']} (trial {entry['trial_id']}): "
-                      f"FID eval {entry['metrics']['fid_eval']:.4g}")
+                      f"{score_label(study.score_name())} eval {entry['metrics']['fid_eval']:.4g}")
     return done
 

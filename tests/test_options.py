@@ -91,7 +91,8 @@ def test_ats_fit_checks_options_before_any_work(tmp_path, option, message):
 
 def test_model_flags_apply_to_their_dataset():
     result = CliRunner().invoke(main, ["compare", "--dataset", "digits", "--checkpoint", "x"])
-    assert result.exit_code == 2 and "--checkpoint is an option of dataset cifar10, not digits" in result.output
+    assert result.exit_code == 2
+    assert "--checkpoint is an option of datasets cifar10, diffusers, not digits" in result.output
     result = CliRunner().invoke(main, ["compare", "--dataset", "gmm", "--dim", "3", "--components", "2",
                                        "--mixture-seed", "5", "--n", "8", "--solvers", "ddim", "--nfe", "4",
                                        "--discretizations", "logSNR"])

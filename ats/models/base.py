@@ -1,6 +1,6 @@
 """What a sampler needs from a model: ``ModelSource`` (the network as ``model_fn``, its noise
-schedule, one sample's shape, an identity for caches, its FID, its real data), and the digests
-that make identities."""
+schedule, one sample's shape, an identity for caches, its FID, its real data, and for latent
+models the decoder that turns samples into images), and the digests that make identities."""
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +19,10 @@ from ..tensors import ModelFn
 @dataclass
 class ModelSource:
     """What a sampler needs: ``model_fn_for(labels)`` -> ``model_fn(x, t)`` (eps), the
-    schedule, one sample's shape, and for conditional models the number of classes; what a
-    method may need besides: ``real_data(n, seed)`` where the data set is at hand."""
+    schedule, one sample's shape, and for conditional models the number of classes (or, for
+    text-conditional ones, of prompts: their labels are prompt indices); what a method may need
+    besides: ``real_data(n, seed)`` where the data set is at hand. Latent models sample in
+    latent space (``shape`` is the latent's) and ``decode`` their samples into images."""
     name: str
     model_fn_for: Callable[[Tensor | None], ModelFn]
     noise_schedule: NoiseSchedule
@@ -32,6 +34,8 @@ class ModelSource:
     info: dict = field(default_factory=dict)
     networks: tuple[torch.nn.Module, ...] = ()      # what ``to`` moves
     real_data: Callable[[int, int], Tensor] | None = None   # (n, seed) -> real samples (TimeTuner's data)
+    num_prompts: int = 0                            # text-conditional: labels index these prompts (no classes)
+    decode: Callable[[Tensor], Tensor] | None = None   # latent models: samples -> images in [-1, 1]
 
     def to(self, device: torch.device | str) -> "ModelSource":
         """Move the networks (in place) to ``device``; samplers follow their inputs' device."""
@@ -59,12 +63,18 @@ class ModelSource:
         return x.to(device)
 
     def labels(self, seeds: Sequence[int]) -> Tensor | None:
-        """A class label per seed for conditional models (uniform, from the seed), else None."""
-        if not self.num_classes:
+        """A class label (or prompt index) per seed for conditional models (uniform over the
+        ``num_classes`` or ``num_prompts``, from the seed alone), else None."""
+        count = self.num_classes or self.num_prompts
+        if not count:
             return None
-        return torch.tensor([int(torch.randint(self.num_classes, (1,),
-                                               generator=torch.Generator().manual_seed(int(s) + 7919)))
+        return torch.tensor([int(torch.randint(count, (1,), generator=torch.Generator().manual_seed(int(s) + 7919)))
                              for s in seeds])
+
+    def images(self, samples: Tensor) -> Tensor:
+        """Samples as images in [-1, 1] (what FID and grids see): decoded for latent models,
+        the samples themselves otherwise."""
+        return samples if self.decode is None else self.decode(samples)
 
 
 def file_digest(path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..intervals import FID, TEACHER_L2
 from ..noise import NoiseSchedule, NoiseScheduleVP
 from ..options import Option, did_you_mean, parse_options
 from .base import ModelSource
@@ -30,6 +31,7 @@ class Dataset:
     has_real_data: bool
     check_files: Callable[..., list[str]] = field(default=lambda **options: [])
     flags: dict[str, str] = field(default_factory=dict)   # CLI flag names that differ from the option's
+    score: Callable[..., str] = field(default=lambda **options: FID)   # what ranks schedules: FID or TEACHER_L2
 
     def parse(self, options: dict[str, Any] | None, path: str = "model") -> dict[str, Any]:
         """The model options with defaults filled in, checked (``OptionError`` on a bad one)."""
@@ -42,6 +44,11 @@ class Dataset:
     def noise_schedule(self, **options: Any) -> NoiseSchedule:
         """The noise schedule, without loading the network."""
         return self.schedule(**self.parse(options))
+
+    def score_name(self, **options: Any) -> str:
+        """What ranks schedules of the model with these options: ``FID``, or without an FID
+        reference ``TEACHER_L2`` (``ats.metrics.TeacherDistance``)."""
+        return self.score(**self.parse(options))
 
     def problems(self, **options: Any) -> list[str]:
         """What is missing on disk for these options, one line each (empty: ready to run)."""
@@ -92,6 +99,21 @@ def _cifar10_problems(checkpoint: str | None = None, inception_weights: str | No
     return problems
 
 
+def _diffusers(**options: Any) -> ModelSource:
+    from .pipeline import diffusers_source
+    return diffusers_source(**options)
+
+
+def _diffusers_schedule(**options: Any) -> NoiseSchedule:
+    from .pipeline import diffusers_noise_schedule
+    return diffusers_noise_schedule(**options)
+
+
+def _diffusers_problems(**options: Any) -> list[str]:
+    from .pipeline import diffusers_problems
+    return diffusers_problems(**options)
+
+
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset("gmm", {
         "preset": Option("preset", _STR_OR_NONE, "16d", tuple(GMM_PRESETS),
@@ -116,6 +138,24 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         "fid_reference": Option("fid_reference", _STR_OR_NONE, None,
                                 help="cifar10: real-image statistics (.npz with mu, sigma) or a folder of images."),
     }, _cifar10, _cifar10_schedule, has_real_data=False, check_files=_cifar10_problems),
+    Dataset("diffusers", {
+        "checkpoint": Option("checkpoint", _STR_OR_NONE, None,
+                             help="diffusers: any diffusers model folder: a UNet2DModel folder, or a latent pipeline "
+                                  "(model_index.json with unet/, vae/, scheduler/, optional text_encoder/ + "
+                                  "tokenizer/)."),
+        "prompts": Option("prompts", _STR_OR_NONE, None,
+                          help="diffusers: text-to-image pipelines: a file of prompts, one per line, or COCO captions "
+                               "JSON; each seed gets one (from the seed)."),
+        "guidance_scale": Option("guidance_scale", frozenset({"float", "None"}), None, low=0.,
+                                 help="diffusers: the classifier-free guidance scale of text-to-image pipelines "
+                                      "(default 7.5; 1: no guidance)."),
+        "inception_weights": Option("inception_weights", _STR_OR_NONE, None,
+                                    help="diffusers: InceptionV3 weights for FID (with --fid-reference)."),
+        "fid_reference": Option("fid_reference", _STR_OR_NONE, None,
+                                help="diffusers: real-image statistics (.npz with mu, sigma) or a folder of images; "
+                                     "without one, schedules are ranked by the L2 to the teacher."),
+    }, _diffusers, _diffusers_schedule, has_real_data=False, check_files=_diffusers_problems,
+        score=lambda fid_reference=None, **options: FID if fid_reference else TEACHER_L2),
 )}
 
 

@@ -68,11 +68,11 @@ def test_shipped_per_sample_studies_run_the_whole_pipeline(name):
     assert name in shipped_studies() and study.name == name
     methods = {m.name: m for m in study.methods}
     assert {"ld3", "oracle", "oneshot", "delta"} <= set(methods)
-    oracle = {k: v for k, v in methods["oracle"].options.items() if k != "ld3"}
-    for kind in ("oneshot", "delta"):
-        options = methods[kind].options
+    one, delta = methods["oneshot"].options, methods["delta"].options
+    for options in (one, delta):
         assert options["objective"] == "regression" and options["finetune_epochs"] > 0
-        assert options["oracle"] == oracle and options["ld3"] == methods["oracle"].options["ld3"]
+        assert options["ld3"] == methods["oracle"].options["ld3"]
+    assert one["oracle"] == delta["oracle"]
 
 
 def test_shipped_gmm_and_digits_build_their_sources():

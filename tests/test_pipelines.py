@@ -341,9 +341,20 @@ def test_fit_a_predictor_through_the_cli(models, tmp_path):
     assert result.exit_code == 2 and "each seed has its own prompt" in result.output
 
 
-def test_search_one_trial_on_a_latent_pipeline(models, tmp_path):
-    study = {"name": "latent", "dataset": "diffusers",
-             "model": {"checkpoint": str(models["class"])}, "solvers": ["dpm_solver++"], "nfes": [3],
+def flow_folder(root: Path) -> Path:
+    from test_flow import make_flow_checkpoint
+    return make_flow_checkpoint(root / "flow-tiny")
+
+
+@pytest.mark.parametrize("kind", ["class", "text", "flow"])
+def test_search_one_trial_then_evaluate_on_each_model_kind(models, tmp_path, kind):
+    """`ats search` (one LD3 trial, ranked by the teacher distance), then `ats evaluate` of its
+    run on fresh seeds, on a class-conditional latent folder, a text-to-image pipeline and a
+    flow-matching UNet2DModel."""
+    model = {"class": {"checkpoint": str(models["class"])},
+             "text": {"checkpoint": str(models["text"]), "prompts": str(models["prompts"]), "guidance_scale": 2.0},
+             "flow": {"checkpoint": str(flow_folder(tmp_path))}}[kind]
+    study = {"name": "latent", "dataset": "diffusers", "model": model, "solvers": ["dpm_solver++"], "nfes": [3],
              "teacher": {"solver": "uni_pc", "nfe": 6, "discretization": "edm"},
              "data": {"n_train": 4, "n_valid": 4, "n_select": 6, "n_eval": 6}, "baselines": ["logSNR"],
              "methods": {"ld3": {"options": {"epochs": 1, "batch_size": 4}}}, "trials": 1, "seed": 0,
@@ -351,16 +362,47 @@ def test_search_one_trial_on_a_latent_pipeline(models, tmp_path):
     (tmp_path / "latent.yaml").write_text(yaml.safe_dump(study))
     from test_search import env, runs_of
     res = subprocess.run([sys.executable, "-m", "ats.cli", "search", "--study", "latent.yaml", "--no-live"],
-                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = " ".join(res.stdout.split())
     assert TEACHER_L2 in out and "best method ld3" in out and "ld3 dpm_solver++ NFE 3: L2 select" in out
-    _, _, (parent,), children = runs_of(f"sqlite:///{tmp_path / 'mlflow.db'}", "latent")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, _, (parent,), children = runs_of(uri, "latent")
     assert sorted(c.data.tags["ats.kind"] for c in children) == ["baseline", "trial"]
     assert all(c.info.status == "FINISHED" and c.data.metrics["n_select"] == 6 for c in children)
     folder = next((tmp_path / "runs").iterdir())
     fids = json.loads(next(folder.rglob("fid.json")).read_text())
     assert fids["select"]["metric"] == TEACHER_L2
     from PIL import Image
+    side = 16 if kind != "flow" else 8   # latent folders decode 8 x 8 latents to 16 x 16 images
     side_by_side = Image.open(folder / "summary" / "samples-dpm_solver++-nfe3.png")
-    assert side_by_side.size[1] == 14 + 2 * (16 * 4 + 1) + 1   # names over 2 x 3 grids of decoded 16 x 16 images
+    assert side_by_side.size[1] == 14 + 2 * (side * 4 + 1) + 1   # names over 2 x 3 grids of images
+    (trial,) = [c for c in children if c.data.tags["ats.kind"] == "trial"]
+    done = CliRunner().invoke(main, ["evaluate", "--run", trial.info.run_id, "--tracking-uri", uri, "--n", "6",
+                                     "--cache", str(tmp_path / ".ats-cache" / "teacher"), "--baselines", "logSNR",
+                                     "--json", str(tmp_path / "rows.json")])
+    assert done.exit_code == 0, done.output
+    rows = {r["name"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert {"ld3", "logSNR"} <= set(rows) and TEACHER_L2 in " ".join(done.output.split())
+
+
+def test_fit_sample_and_export_a_flow_model_through_the_cli(tmp_path):
+    """LD3 and a one-shot predictor on a flow-matching UNet2DModel from the CLI; the exported
+    schedule's script runs in diffusers' FlowMatchEulerDiscreteScheduler."""
+    flow = str(flow_folder(tmp_path))
+    common = ["--dataset", "diffusers", "--checkpoint", flow, "--solver", "ddim", "--nfe", "3", "--n-train", "4",
+              "--n-valid", "4", "--n-eval", "6", "--teacher-nfe", "8", "--cache", str(tmp_path / "cache")]
+    for method, options in (("ld3", ["epochs=2", "batch_size=4"]), ("oneshot", ["epochs=1", "batch_size=4",
+                                                                              'ld3={"epochs": 1, "batch_size": 4}'])):
+        done = CliRunner().invoke(main, ["fit", "--method", method, *common, "--out", str(tmp_path / method),
+                                         *(a for o in options for a in ("--option", o))])
+        assert done.exit_code == 0, done.output
+        assert "saved to" in done.output
+    done = CliRunner().invoke(main, ["sample", "--schedule", str(tmp_path / "oneshot" / "result.pt"), "--dataset",
+                                     "diffusers", "--checkpoint", flow, "--n", "4", "--out", str(tmp_path / "s.png")])
+    assert done.exit_code == 0, done.output
+    done = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "ld3" / "schedule.json"), "--dataset",
+                                     "diffusers", "--checkpoint", flow, "--format", "diffusers", "--out",
+                                     str(tmp_path / "export")])
+    assert done.exit_code == 0, done.output
+    assert "FlowMatchEulerDiscreteScheduler" in " ".join(done.output.split())

@@ -95,11 +95,15 @@ def test_predictors_train_and_keep_the_best_checkpoint(setup, kind, objective):
     extra = {}
     if objective == "regression":
         extra = dict(oracle_train=fit_oracle(source, train, "dpm_solver++", 4, iterations=10, restarts=0).per_sample,
-                     finetune_epochs=2)
+                     finetune_epochs=2, patience=0)   # the regression phase ends at its first epoch, not the fit
+    phases = []
     res = fit_predictor(kind, source, train, valid, "dpm_solver++", 4, objective=objective, epochs=4,
-                        batch_size=16, **extra)
+                        batch_size=16, progress=lambda phase, epoch, loss: phases.append(phase), **extra)
     assert res.info["best_valid_loss"] == pytest.approx(min(res.history["valid_loss"]))
-    assert len(res.history["train_loss"]) == (6 if objective == "regression" else 4)   # fine-tuning follows
+    if objective == "regression":   # fine-tuning follows, whenever regression stopped
+        assert phases[0] == f"{kind} regression" and phases[-1] == f"{kind} end_to_end"
+    else:
+        assert len(res.history["train_loss"]) == 4
     out, times = PredictorSampler(res.predictor, source, "dpm_solver++", None)(valid.latents)
     assert torch.isfinite(out).all() and (times.diff(dim=1) < 0).all()
 

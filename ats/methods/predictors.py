@@ -312,39 +312,39 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
 
     best = {"valid": teacher_loss(valid), "state": copy.deepcopy(net.state_dict()), "epoch": -1}
     history["valid_loss"].append(best["valid"])
-    bad = 0
     epoch = -1
-    phases = [objective] * epochs + ["end_to_end"] * (finetune_epochs if objective == "regression" else 0)
+    phases = [(objective, epochs)] + ([("end_to_end", finetune_epochs)] if objective == "regression" else [])
     try:
-        for epoch, phase in enumerate(phases):
-            if epoch and phase != phases[epoch - 1]:
-                bad = 0   # fine-tuning end to end starts its own patience
-            losses = []
-            for idx in torch.randperm(len(train.latents), generator=g).split(batch_size):
-                labels = None if train.labels is None else train.labels[idx]
-                if phase == "regression":
-                    per = net.regression_loss(sampler, train.latents[idx], labels, oracle_train[idx])
+        for phase, phase_epochs in phases:   # patience ends a phase; fine-tuning goes on from where regression ended
+            bad = 0
+            for _ in range(phase_epochs):
+                epoch += 1
+                losses = []
+                for idx in torch.randperm(len(train.latents), generator=g).split(batch_size):
+                    labels = None if train.labels is None else train.labels[idx]
+                    if phase == "regression":
+                        per = net.regression_loss(sampler, train.latents[idx], labels, oracle_train[idx])
+                    else:
+                        out, _ = sampler(train.latents[idx], labels)
+                        per = loss_fn(out, train.targets[idx])
+                    value = check_finite(per.mean(), epoch)
+                    opt.zero_grad(set_to_none=True)
+                    per.mean().backward()
+                    check_finite(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.), epoch, "gradient norm")
+                    opt.step()
+                    losses.append(value)
+                val = check_finite(teacher_loss(valid), epoch, "validation loss")
+                history["train_loss"].append(sum(losses) / len(losses))
+                history["valid_loss"].append(val)
+                if progress is not None:
+                    progress(f"{kind} {phase}", epoch, val)
+                if val < best["valid"]:
+                    best.update(valid=val, state=copy.deepcopy(net.state_dict()), epoch=epoch)
+                    bad = 0
                 else:
-                    out, _ = sampler(train.latents[idx], labels)
-                    per = loss_fn(out, train.targets[idx])
-                value = check_finite(per.mean(), epoch)
-                opt.zero_grad(set_to_none=True)
-                per.mean().backward()
-                check_finite(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.), epoch, "gradient norm")
-                opt.step()
-                losses.append(value)
-            val = check_finite(teacher_loss(valid), epoch, "validation loss")
-            history["train_loss"].append(sum(losses) / len(losses))
-            history["valid_loss"].append(val)
-            if progress is not None:
-                progress(f"{kind} {phase}", epoch, val)
-            if val < best["valid"]:
-                best.update(valid=val, state=copy.deepcopy(net.state_dict()), epoch=epoch)
-                bad = 0
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+                    bad += 1
+                    if bad >= patience:
+                        break
     except FitDiverged as e:
         net.load_state_dict(best["state"])
         e.result = _predictor_result(kind, net, solver, order, steps, history, best, objective, space, diverged=str(e))

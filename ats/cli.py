@@ -13,7 +13,7 @@ from ats.solvers import MAX_NFE
 from ats.teacher import DEFAULT_CACHE, SPLIT_SIZE
 from ats.models.sources import DATASETS
 from ats.solvers import SOLVERS
-from ats.study import BASELINES, SAMPLERS
+from ats.study import BASELINES, DEFAULT_BASELINES, SAMPLERS
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -576,7 +576,7 @@ def evaluate(result, source, study, run_id, tracking_uri, cache, n_samples, star
                                "is the run's fid_eval metric")
     start = (study.n_eval if study else 0) if start is None else start
     n_samples = n_samples or (study.n_eval if study else EVAL_SAMPLES)
-    names = [b for b in (baselines or (study.baselines if study else BASELINES)) if b != result.method]
+    names = [b for b in (baselines or (study.baselines if study else DEFAULT_BASELINES)) if b != result.method]
     console = report_console()
     if baselines:
         try:

@@ -83,6 +83,7 @@ def get_timesteps(noise_schedule: NoiseSchedule, kind: str, steps: int,
 # Align Your Steps (Sabour et al., 2024): diffusers ships the 10-step lists (``AysSchedules``).
 AYS_FAMILIES = {"sd15": "StableDiffusionTimesteps", "sdxl": "StableDiffusionXLTimesteps",
                 "svd": "StableDiffusionVideoSigmas"}
+AYS = "ays"   # the Align Your Steps reference schedules, a baseline for the pipelines of AYS_PIPELINES
 AYS_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl",
                  "StableVideoDiffusionPipeline": "svd"}   # a pipeline's class -> its AYS family
 _SD_SIGMA_MAX, _SVD_SIGMA_MAX = 14.6146, 700.   # the families' largest sigma_t / alpha_t

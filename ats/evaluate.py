@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .solvers import steps_for_nfe
-from .discretize import FIXED, KINDS, check_time_range, get_timesteps
+from .discretize import AYS, FIXED, KINDS, ays_timesteps, check_time_range, get_timesteps
 from .methods import METHODS, fit_method
 from .methods.common import FitResult
 from .methods.results import GIVE, load_result, result_from_data, sample_result
@@ -44,17 +44,35 @@ def baseline_result(source: ModelSource, name: str, solver: str, nfe: int, order
                     cache: str | Path = DEFAULT_CACHE) -> FitResult:
     """A baseline's schedule: a fixed discretization, or DMN / GITS fitted as ``ats search``
     fits them (GITS on the first ``n_train`` training seeds)."""
-    if name in KINDS:
+    if name in KINDS or name == AYS:
         steps = steps_for_nfe(solver, nfe)
-        return FitResult(name, solver, order, steps, timesteps=get_timesteps(source.noise_schedule, name, steps,
-                                                                             dtype=source.dtype),
-                         info=source.model_info())
+        if name == AYS:
+            ts = ays_timesteps(source.noise_schedule, steps, ays_family(source), dtype=source.dtype)
+        else:
+            ts = get_timesteps(source.noise_schedule, name, steps, dtype=source.dtype)
+        return FitResult(name, solver, order, steps, timesteps=ts, info=source.model_info())
     return fit_method(name, source, solver, nfe, order, n_train=n_train, cache=cache)
+
+
+def ays_family(source: ModelSource) -> str:
+    """The Align Your Steps family of the source's pipeline (sd15, sdxl, svd); a one-line error
+    for models AYS ships no reference schedule for."""
+    family = source.info.get("ays_family")
+    if family is None:
+        raise ValueError(f"baseline ays: Align Your Steps ships reference schedules for Stable Diffusion 1.5, SDXL "
+                         f"and Stable Video Diffusion pipelines only, not {source.name}; leave ays out of the baselines")
+    return family
 
 
 def baseline_problem(source: ModelSource, result: FitResult, name: str) -> str | None:
     """Why baseline ``name`` cannot run at the fit's solver and steps (GITS beyond its fine
     grid, DMN with another solver), or None."""
+    if name == AYS:
+        try:
+            ays_timesteps(source.noise_schedule, result.steps, ays_family(source))
+        except ValueError as e:
+            return str(e).removeprefix("baseline ays: ")
+        return None
     if name not in METHODS:
         return None
     return METHODS[name].unsupported((result.solver,), (result.steps,), source.real_data is not None)

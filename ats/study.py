@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import yaml
 
 from .atomic import write_atomic
-from .discretize import FIXED, KINDS
+from .discretize import AYS, FIXED, KINDS
 from .methods import METHODS, SEARCHABLE, nested_schemas
 from .models.base import ModelSource
 from .models.sources import DATASETS, get_dataset
@@ -32,7 +32,8 @@ from .teacher import SPLIT_SIZE, TeacherConfig
 
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
 PARAM_TYPES = ("uniform", "loguniform", "int", "choice")
-BASELINES = FIXED + tuple(name for name, m in METHODS.items() if not m.searchable)
+DEFAULT_BASELINES = FIXED + tuple(name for name, m in METHODS.items() if not m.searchable)
+BASELINES = DEFAULT_BASELINES + (AYS,)   # ays: Stable Diffusion-family pipelines (dataset diffusers) only
 TOP_KEYS = ("name", "dataset", "model", "solvers", "nfes", "order", "teacher", "data", "baselines", "methods",
             "trials", "sampler", "seed", "resources", "max_failures")
 DATA_DEFAULTS = {"n_train": 50, "n_valid": 50, "n_select": 2000, "n_eval": 5000}
@@ -443,7 +444,10 @@ class _Reader:
         steps = [steps_for_nfe(s, n) for s in solvers for n in nfes]
         has_real_data = DATASETS[dataset].has_real_data
         sizes = {**DATA_DEFAULTS, **mapping(d.get("data"), "data", tuple(DATA_DEFAULTS))}
-        baselines = self.names(d.get("baselines", list(BASELINES)), "baselines", BASELINES, empty=True)
+        baselines = self.names(d.get("baselines", list(DEFAULT_BASELINES)), "baselines", BASELINES, empty=True)
+        if AYS in baselines and dataset != "diffusers":
+            fail("baselines", f"ays (Align Your Steps) has reference schedules for Stable Diffusion-family pipelines "
+                              f"only (dataset diffusers), not {dataset}; drop ays")
         for b in baselines:
             reason = METHODS[b].unsupported(solvers, steps, has_real_data) if b in METHODS else None
             if reason:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .atomic import write_atomic
-from .discretize import KINDS
+from .discretize import AYS, KINDS
 from .evaluate import baseline_result, score_samples, seed_set, teacher_count
 from .intervals import FidEstimate
 from .methods import METHODS, FitContext, fit_method
@@ -68,7 +68,7 @@ def split_data(study: Study, source: ModelSource, split: str, cache: str | Path,
 def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, options: dict[str, Any],
         cache: str | Path, progress: Progress | None = None, device: torch.device | str | None = None) -> FitResult:
     """A baseline's schedule (fixed discretizations, dmn, gits) or a method's fit."""
-    if method in KINDS:
+    if method in KINDS or method == AYS:
         return baseline_result(source, method, solver, nfe, study.order)
     report = None if progress is None else \
         (lambda phase, step, loss: progress({"phase": phase, "step": int(step), "loss": float(loss)}))

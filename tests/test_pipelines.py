@@ -406,3 +406,21 @@ def test_fit_sample_and_export_a_flow_model_through_the_cli(tmp_path):
                                      str(tmp_path / "export")])
     assert done.exit_code == 0, done.output
     assert "FlowMatchEulerDiscreteScheduler" in " ".join(done.output.split())
+
+
+def test_ays_is_a_baseline_of_stable_diffusion_pipelines_only(models, text, tmp_path):
+    """A StableDiffusionPipeline folder offers diffusers' Align Your Steps list as the ``ays``
+    baseline (10 steps: the list itself); other models refuse it in one line."""
+    from diffusers.schedulers import AysSchedules
+    from ats.evaluate import baseline_problem, baseline_result
+    assert text.info["ays_family"] == "sd15"
+    ays = baseline_result(text, "ays", "dpm_solver++", 10, None)
+    steps = (ays.timesteps[:-1] * 1000 - 1).round().long().tolist()
+    assert steps == list(AysSchedules["StableDiffusionTimesteps"])
+    assert baseline_problem(text, ays, "ays") is None
+    from test_cifar10 import make_checkpoint
+    make_checkpoint(tmp_path / "ddpm")
+    other = load_source("diffusers", checkpoint=str(tmp_path / "ddpm"))
+    assert "Stable Diffusion 1.5, SDXL" in baseline_problem(other, ays, "ays")
+    with pytest.raises(ValueError, match="leave ays out"):
+        baseline_result(other, "ays", "dpm_solver++", 10, None)

@@ -318,6 +318,9 @@ def test_errors_that_depend_on_other_fields():
     assert "methods.delta: delta needs at least 2 steps" in error(doc)
     doc = edited("methods/ld3/options/ratio_range", [0.5, 2.0])
     assert "methods.ld3.options.ratio_range: unknown key" in error(doc)
+    doc = edited("baselines", ["logSNR", "ays"])
+    assert "baselines: ays (Align Your Steps) has reference schedules for Stable Diffusion-family pipelines" \
+        in error(doc)
 
 
 def test_timetuner_options():

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..discretize import AYS_PIPELINES
 from ..noise import NoiseScheduleVP
 from .base import ModelFn, ModelSource, digest, file_digest
 from .diffusers_unet import PREDICTION_TYPES
@@ -94,6 +95,7 @@ class Layout:
     scheduler: dict            # scheduler/scheduler_config.json
     text_encoder: str | None   # the text encoder's and tokenizer's classes (text-to-image pipelines)
     tokenizer: str | None
+    pipeline: str | None = None   # model_index.json's _class_name (e.g. StableDiffusionPipeline)
 
     @property
     def text(self) -> bool:
@@ -139,7 +141,7 @@ def read_layout(checkpoint: str | Path) -> Layout:
     vae = _json(path / "vae" / "config.json")
     scheduler = _json(path / "scheduler" / "scheduler_config.json")
     _check_unet(what, unet, vae, encoder is not None)
-    return Layout(path, unet, vae, scheduler, encoder, tokenizer if encoder else None)
+    return Layout(path, unet, vae, scheduler, encoder, tokenizer if encoder else None, index.get("_class_name"))
 
 
 def _check_unet(what: str, unet: dict, vae: dict, text: bool) -> None:
@@ -394,7 +396,8 @@ def pipeline_source(checkpoint: str | Path, prompts: str | Path | None = None, g
                        "scheduler": layout.scheduler, "prompts": digest(prompt_list), "guidance_scale": scale})
     kind = "text" if layout.text else "class" if layout.num_classes else "unconditional"
     name = f"pipeline:{path.name}" + (f"-cfg{scale:g}" if layout.text and scale != 1 else "")
-    info = {"checkpoint": str(path), "model_type": model_type, "conditioning": kind, "latent": True}
+    info = {"checkpoint": str(path), "model_type": model_type, "conditioning": kind, "latent": True,
+            **({"ays_family": AYS_PIPELINES[layout.pipeline]} if layout.pipeline in AYS_PIPELINES else {})}
     if layout.text:
         info.update(prompts=str(prompts), num_prompts=len(prompt_list), guidance_scale=scale)
     return ModelSource(name, model_fn_for, ns, shape, identity, make_metric, num_classes=layout.num_classes,

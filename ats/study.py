@@ -353,7 +353,7 @@ class _Reader:
                 else f"{method} has no nested options"
             fail(path, f"unknown parameter; {hint}")
         owner = parts[0] if len(parts) == 2 else method
-        options = METHODS[owner].options
+        options = nested_schemas(METHODS[method])[owner] if len(parts) == 2 else METHODS[owner].options
         if parts[-1] not in options:
             fail(path, f"{parts[-1]!r} is not an option of {owner}{did_you_mean(parts[-1], options)}; "
                        f"options: {', '.join(options)}")
@@ -429,6 +429,11 @@ class _Reader:
             fixed = options.get(parents[0], {}) if parents else options
             if leaf in fixed:
                 fail(join(space_path, p.name), f"is also fixed under {path}.options; set it in one place")
+        searched = {v for p in space if p.name == "precision" for v in p.values or ()}
+        if not study["gpus"] and "fp16" in {options.get("precision"), *searched}:
+            fail(f"{path}.{'options' if options.get('precision') == 'fp16' else 'space'}.precision",
+                 "fp16 needs CUDA and this study's trials get no GPU (resources.gpus_per_trial is 0); "
+                 "use bf16 or fp32")
         return MethodSpec(name, options, space)
 
     def study(self, data: Any) -> Study:
@@ -455,8 +460,9 @@ class _Reader:
         methods = d.get("methods")
         if not isinstance(methods, dict) or not methods:
             fail("methods", f"must be a non-empty mapping of methods ({', '.join(SEARCHABLE)}), got {methods!r}")
-        context = {"dataset": dataset, "solvers": solvers, "steps": steps}
         res = {**RESOURCE_DEFAULTS, **mapping(d.get("resources"), "resources", tuple(RESOURCE_DEFAULTS))}
+        gpus = number(res["gpus_per_trial"], "resources.gpus_per_trial", 0)
+        context = {"dataset": dataset, "solvers": solvers, "steps": steps, "gpus": gpus}
         return Study(
             name=name, dataset=dataset, model=self.model(d.get("model"), dataset), solvers=solvers, nfes=nfes,
             order=self.order(d.get("order"), solvers, "order"), teacher=self.teacher(d.get("teacher")),
@@ -466,7 +472,7 @@ class _Reader:
             sampler=choice(d.get("sampler", "tpe"), "sampler", SAMPLERS),
             seed=integer(d.get("seed", 0), "seed", 0),
             cpus_per_trial=number(res["cpus_per_trial"], "resources.cpus_per_trial", 0, strict=True),
-            gpus_per_trial=number(res["gpus_per_trial"], "resources.gpus_per_trial", 0),
+            gpus_per_trial=gpus,
             max_concurrent=integer(res["max_concurrent"], "resources.max_concurrent", 1),
             max_failures=integer(d.get("max_failures", 0), "max_failures", 0))
 

@@ -23,7 +23,7 @@ from .atomic import write_atomic
 from .discretize import AYS, KINDS
 from .evaluate import baseline_result, score_samples, seed_set, teacher_count
 from .intervals import FidEstimate
-from .methods import METHODS, FitContext, fit_method
+from .methods import METHODS, FitContext, fit_method, split_network_options
 from .methods.common import FitResult
 from .methods.results import load_result, sample_result, save_result, save_schedule_json, with_schedules
 from .models.base import ModelSource
@@ -103,7 +103,8 @@ def score(study: Study, source: ModelSource, result: FitResult, options: dict[st
     labels = source.labels(seeds)
     labels = None if labels is None else labels.to(x.device)
     if result.tied_to_seeds:   # schedules of other samples: the method gives these samples' own
-        ctx = FitContext(source, result.solver, result.steps, result.order, seed=study.seed, device=device)
+        calls, options = split_network_options(options)
+        ctx = FitContext(source, result.solver, result.steps, result.order, seed=study.seed, device=device, calls=calls)
         own = METHODS[result.method].schedules_for(ctx, result, options, split_data(study, source, split, cache, device))
         result = with_schedules(result, own)
     out, schedules = sample_result(source, result, x, labels)

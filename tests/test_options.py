@@ -27,8 +27,8 @@ def test_a_parameter_that_is_neither_input_nor_option_is_a_declaration_error():
     with pytest.raises(TypeError, match="'train' is neither an input nor an option"):
         declare(fit_ld3, ("source", "valid", "solver", "steps", "order", "seed", "init", "progress"))
     with pytest.raises(TypeError, match="bounds for unknown options"):
-        declare(fit_ld3, ("source", "train", "valid", "solver", "steps", "order", "seed", "init", "progress"),
-                low={"epoch": 1})
+        declare(fit_ld3, ("source", "train", "valid", "solver", "steps", "order", "seed", "init", "progress",
+                          "calls"), low={"epoch": 1})
 
 
 @pytest.mark.parametrize("options, message", [

@@ -17,7 +17,7 @@ from ..models.base import ModelSource
 from ..options import OptionError, Schema, did_you_mean, parse_options
 from ..solvers import steps_for_nfe
 from ..teacher import DEFAULT_CACHE, TeacherConfig
-from .base import FitContext, Method, Progress
+from .base import NETWORK_OPTIONS, FitContext, Method, Progress, split_network_options
 from .common import FitDiverged, FitResult
 from .dmn import DMN
 from .gits import GITS
@@ -39,8 +39,10 @@ def get_method(name: str) -> Method:
 
 
 def nested_schemas(method: Method) -> dict[str, Schema]:
-    """The option schemas of the methods ``method`` runs first, by group name."""
-    return {name: METHODS[name].options for name in method.nested}
+    """The option schemas of the methods ``method`` runs first, by group name, without the
+    ``NETWORK_OPTIONS`` (set once for the whole fit, at the top level)."""
+    return {name: {k: o for k, o in METHODS[name].options.items() if k not in NETWORK_OPTIONS}
+            for name in method.nested}
 
 
 def parse_method_options(name: str, options: dict[str, Any] | None, path: str = "options") -> dict[str, Any]:
@@ -57,7 +59,9 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     """Fit ``method`` for ``solver`` at ``nfe`` network calls on ``device`` (where the source's
     networks are; default the CPU). ``options``: the method's declared options (learning
     rates, epochs, loss, ...; ``METHODS[method].options``), nested ones as dicts (``ld3``,
-    ``oracle``). ``progress(phase, step, loss)`` after every step of the fit."""
+    ``oracle``); the ``NETWORK_OPTIONS`` (``checkpoint``, ``precision``) of the methods that
+    declare them become ``FitContext.calls``. ``progress(phase, step, loss)`` after every
+    step of the fit."""
     m = get_method(method)
     steps = steps_for_nfe(solver, nfe)
     if steps is None:
@@ -65,14 +69,17 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     reason = m.unsupported((solver,), (steps,), source.real_data is not None)
     if reason:
         raise ValueError(reason)
-    parsed = parse_method_options(method, options)
-    ctx = FitContext(source, solver, steps, order, n_train, n_valid, teacher, cache, seed, device, progress)
+    calls, parsed = split_network_options(parse_method_options(method, options))
+    calls.check(device or "cpu")   # fp16 on the CPU: refused before any teacher data is made
+    ctx = FitContext(source, solver, steps, order, n_train, n_valid, teacher, cache, seed, device, progress, calls)
     result = m.fit(ctx, **parsed)
+    if calls.precision != "fp32":
+        result.info.setdefault("precision", calls.precision)   # fitted to the network in that precision
     for key, value in source.model_info().items():
         result.info.setdefault(key, value)   # the model it belongs to: ats.evaluate.check_fits compares it
     return result
 
 
-__all__ = ["METHODS", "SEARCHABLE", "Method", "FitContext", "OptionError", "fit_method", "get_method",
-           "parse_method_options", "FitResult", "FitDiverged", "load_result", "sample_result", "save_result",
-           "save_schedule_json"]
+__all__ = ["METHODS", "SEARCHABLE", "Method", "FitContext", "NETWORK_OPTIONS", "split_network_options",
+           "OptionError", "fit_method", "get_method", "parse_method_options", "FitResult", "FitDiverged", "load_result",
+           "sample_result", "save_result", "save_schedule_json"]

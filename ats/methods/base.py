@@ -5,35 +5,55 @@ declares its ``options`` (``ats.options.Option``: types, defaults, allowed value
 option groups of the methods it runs first (``nested``: a predictor's ``ld3`` and ``oracle``),
 and what it needs (real data, a number of steps, particular solvers); ``fit(ctx, **options)``
 returns a ``FitResult``. ``FitContext`` hands out the inputs lazily: the teacher data of the
-training and validation seeds (cached on disk), real data, latents, and the progress callback
-``progress(phase, step, loss)``.
+training and validation seeds (cached on disk), real data, latents, the progress callback
+``progress(phase, step, loss)`` and ``calls``, how the fit's solver calls the network
+(checkpointing, precision: the shared options ``NETWORK_OPTIONS`` of the methods that
+backpropagate through the solver).
 """
 from __future__ import annotations
 
 import abc
 import fcntl
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from ..atomic import write_atomic
 from ..models.base import ModelSource, digest
-from ..options import Option
+from ..options import Option, declare
+from ..solvers import PRECISIONS, NetworkCalls
 from ..teacher import DEFAULT_CACHE, TeacherConfig, TeacherData, generate_teacher, split_seeds
 from .common import FitResult
 
 Progress = Callable[[str, int, float], None]   # (phase, step, loss), after every step of a fit
+
+_NETWORK_HELP = {"checkpoint": "recompute each network call's activations in the backward pass instead of keeping "
+                               "them (less memory, about one more forward pass of compute)",
+                 "precision": "fp32, or bf16 / fp16: the network under autocast (fp16 on CUDA only)"}
+NETWORK_OPTIONS: dict[str, Option] = {
+    name: replace(option, help=_NETWORK_HELP[name])
+    for name, option in declare(NetworkCalls, (), choices={"precision": PRECISIONS}).items()}
+"""Options of every method that backpropagates through the solver (``extra=`` of its
+declaration); ``fit_method`` moves them into ``FitContext.calls``, and they apply to every
+phase of the fit (a predictor's starting LD3 fit and oracle fits included)."""
+
+
+def split_network_options(options: Mapping[str, Any]) -> tuple[NetworkCalls, dict[str, Any]]:
+    """``NETWORK_OPTIONS`` among a method's ``options`` as ``NetworkCalls``, and the others."""
+    calls = NetworkCalls(**{k: v for k, v in options.items() if k in NETWORK_OPTIONS})
+    return calls, {k: v for k, v in options.items() if k not in NETWORK_OPTIONS}
 
 
 @dataclass
 class FitContext:
     """Everything a method may read: the model, the solver and its number of steps, the seeds'
     teacher data (``train``, ``valid``; generated on first use, cached under ``cache``), real
-    data, the seed, the device and the progress callback."""
+    data, the seed, the device, the progress callback and how the solver calls the network
+    (``calls``: pass ``**ctx.calls.kwargs`` to ``sample`` / ``bind_solver``)."""
     source: ModelSource
     solver: str
     steps: int
@@ -45,6 +65,7 @@ class FitContext:
     seed: int = 0
     device: torch.device | str | None = None
     progress: Progress | None = None
+    calls: NetworkCalls = NetworkCalls()
 
     def teacher_data(self, split: str, n: int) -> TeacherData:
         """Teacher targets of the first ``n`` seeds of ``split``, on the context's device."""
@@ -64,13 +85,14 @@ class FitContext:
 
     def shared(self, what: str, settings: dict[str, Any], fit: Callable[[], FitResult]) -> FitResult:
         """A fit that every trial of the same cell shares (LD3's starting schedule, the optimum
-        on the training seeds): ``fit()`` runs once per model, solver, steps, teacher, seeds and
-        ``settings``, and its result is kept under ``cache/shared/``; a trial that asks while
+        on the training seeds): ``fit()`` runs once per model, solver, steps, teacher, seeds,
+        network precision and ``settings``, and its result is kept under ``cache/shared/``; a trial that asks while
         another computes it waits for it (a file lock), never fits it twice. Stopped or diverged
         fits are returned but not kept. Results with a predictor are not shareable."""
         key = digest({"what": what, "model": self.source.identity, "solver": self.solver, "steps": self.steps,
                       "order": self.order, "teacher": asdict(self.teacher), "n_train": self.n_train,
-                      "n_valid": self.n_valid, "seed": self.seed, "settings": settings})
+                      "n_valid": self.n_valid, "seed": self.seed, "settings": settings,
+                      **({} if self.calls.precision == "fp32" else {"precision": self.calls.precision})})
         path = Path(self.cache) / "shared" / f"{what}-{key[:24]}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:

@@ -21,10 +21,10 @@ from ..discretize import FIXED, get_timesteps
 from ..losses import LOSS_NAMES, get_loss
 from ..models.base import ModelSource
 from ..params import SPACES, carried_cond_timesteps, logits_from_timesteps, offset_cond_timesteps, timesteps_from_logits
-from ..solvers import sample, solver_spec
+from ..solvers import NetworkCalls, sample, solver_spec
 from ..teacher import TeacherData
 from ..options import declare
-from .base import FitContext, Method, Progress
+from .base import NETWORK_OPTIONS, FitContext, Method, Progress
 from .common import FitDiverged, FitResult, assert_monotone, check_finite
 
 OPTIMIZERS = ("rmsprop", "adam")
@@ -36,12 +36,13 @@ def default_ball_radius(dim: int, steps: int) -> float:
 
 
 class Student:
-    """theta (and xi) -> the solver's output; shared by LD3 and the per-sample methods."""
+    """theta (and xi) -> the solver's output; shared by LD3 and the per-sample methods.
+    ``calls``: how the solver calls the network (checkpointing, precision)."""
 
     def __init__(self, source: ModelSource, solver: str, order: int | None, space: str = "lambda",
-                 offsets: Tensor | None = None) -> None:
+                 offsets: Tensor | None = None, calls: NetworkCalls = NetworkCalls()) -> None:
         solver_spec(solver, order)
-        self.source, self.solver, self.order, self.space = source, solver, order, space
+        self.source, self.solver, self.order, self.space, self.calls = source, solver, order, space, calls
         self.offsets = offsets   # a global schedule's s - t, carried to every schedule without its own xi
         self.sigma_T = float(source.noise_schedule.marginal_std(torch.tensor(source.noise_schedule.T)))
 
@@ -55,7 +56,7 @@ class Student:
         else:
             cs = None if self.offsets is None else carried_cond_timesteps(ts, self.offsets.to(ts))
         return sample(self.source.model_fn_for(labels), self.source.noise_schedule, unit_latents * self.sigma_T,
-                      ts, self.solver, order=self.order, cond_timesteps=cs)
+                      ts, self.solver, order=self.order, cond_timesteps=cs, **self.calls.kwargs)
 
 
 def best_fixed_logits(student: Student, loss_fn, data: TeacherData, steps: int) -> Tensor:
@@ -81,7 +82,7 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
             learn_xi: bool = True,
             ball_radius: float | None = None, patience: int = 5, decay: float = 0.8, seed: int = 0,
             init: Tensor | None = None, start: str = "best",
-            progress: Progress | None = None) -> FitResult:
+            progress: Progress | None = None, calls: NetworkCalls = NetworkCalls()) -> FitResult:
     """Fit theta (and xi) on ``train``, select on ``valid``; returns the best validation state.
     ``init``: starting logits [N+1]; else ``start``: a fixed discretization (time_uniform,
     logSNR, time_quadratic, edm), or "best", the one with the lowest validation loss, so the
@@ -89,13 +90,14 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
     teacher loss and FID can rank the fixed schedules differently).
     ``progress("ld3", epoch, valid_loss)`` after every epoch. Ctrl-C returns the best state
     so far (``info['interrupted']``); a non-finite loss raises FitDiverged with the best
-    state so far as ``.result``."""
+    state so far as ``.result``. ``calls``: how the solver calls the network (checkpointing,
+    precision; ``NetworkCalls``)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     loss_fn = get_loss(loss)
-    student = Student(source, solver, order, space)
+    student = Student(source, solver, order, space, calls=calls)
     dtype, device = train.latents.dtype, train.latents.device
     g = torch.Generator().manual_seed(seed)
     if init is None and start == "best":
@@ -194,15 +196,16 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
 class LD3(Method):
     """One global schedule learned from teacher samples (``fit_ld3``)."""
     name = "ld3"
-    options = declare(fit_ld3, ("source", "train", "valid", "solver", "steps", "order", "seed", "init", "progress"),
+    options = declare(fit_ld3, ("source", "train", "valid", "solver", "steps", "order", "seed", "init", "progress",
+                                "calls"),
                       choices={"space": SPACES, "loss": LOSS_NAMES, "optimizer": OPTIMIZERS,
                                "start": ("best",) + FIXED},
                       low={"epochs": 0, "batch_size": 1, "patience": 0, "ball_radius": 0},
-                      positive=("lr", "xi_lr", "decay"))
+                      positive=("lr", "xi_lr", "decay"), extra=NETWORK_OPTIONS.values())
 
     def fit(self, ctx: FitContext, **options: Any) -> FitResult:
         return fit_ld3(ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order, seed=ctx.seed,
-                       progress=ctx.progress, **options)
+                       progress=ctx.progress, calls=ctx.calls, **options)
 
 
 def ld3_start(ctx: FitContext, options: dict[str, Any], samples: int) -> FitResult:
@@ -212,7 +215,7 @@ def ld3_start(ctx: FitContext, options: dict[str, Any], samples: int) -> FitResu
     = "ld3_start"``: the caller returns it as the best state there is."""
     result = ctx.shared("ld3_start", {"options": options, "samples": samples}, lambda: fit_ld3(
         ctx.source, ctx.train.first(samples), ctx.valid, ctx.solver, ctx.steps, ctx.order, seed=ctx.seed,
-        progress=ctx.progress, **options))
+        progress=ctx.progress, calls=ctx.calls, **options))
     if result.info.get("interrupted"):
         result.info["interrupted_in"] = "ld3_start"
     return result

@@ -21,8 +21,9 @@ from ..losses import LOSS_NAMES, get_loss
 from ..models.base import ModelSource
 from ..options import Option, declare
 from ..params import SPACES
+from ..solvers import NetworkCalls
 from ..teacher import TeacherData
-from .base import FitContext, Method, Progress
+from .base import NETWORK_OPTIONS, FitContext, Method, Progress
 from .common import FitDiverged, FitResult, assert_monotone, check_finite
 from .ld3 import Student, ld3_start
 
@@ -100,18 +101,18 @@ def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, 
                space: str = "lambda", loss: str = "l2", init: Tensor | None = None, iterations: int = 200,
                lr: float = 0.05, restarts: int = 2, restart_scale: float = 0.5, explore_trials: int = 0,
                explore_sampler: str = "tpe", seed: int = 0, offsets: Tensor | None = None,
-               progress: Progress | None = None) -> FitResult:
+               progress: Progress | None = None, calls: NetworkCalls = NetworkCalls()) -> FitResult:
     """Per-sample schedules for every sample of ``data`` (latents and teacher targets).
     ``init``: the global logits to start from (e.g. LD3's; default the logSNR/time-uniform
     zeros); ``offsets``: its conditioning offsets s - t [N+1], carried to every sample's
     schedule (``carried_cond_timesteps``; kept in ``info["offsets"]``). Rounds: gradient descent from ``init``, then ``restarts`` rounds from ``init`` plus
     noise of scale restart_scale * k, then (``explore_trials`` > 0) Optuna exploration and a
     gradient refinement of its best candidates. Returns ``per_sample`` times [B, N+1] with
-    ``info['loss']`` per sample."""
+    ``info['loss']`` per sample. ``calls``: how the solver calls the network."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     loss_fn = get_loss(loss)
-    student = Student(source, solver, order, space, offsets)
+    student = Student(source, solver, order, space, offsets, calls)
     b, dtype, device = data.latents.shape[0], data.latents.dtype, data.latents.device
     init = torch.zeros(steps + 1, dtype=dtype, device=device) if init is None \
         else torch.as_tensor(init).detach().to(dtype=dtype, device=device)
@@ -166,7 +167,7 @@ def training_optimum(ctx: FitContext, start: FitResult, options: dict[str, Any])
     settings = {"init": init.tolist(), "offsets": None if offsets is None else offsets.tolist(), "options": options}
     return ctx.shared("optimum", settings, lambda: fit_oracle(
         ctx.source, ctx.train, ctx.solver, ctx.steps, ctx.order, init=init, seed=ctx.seed, offsets=offsets,
-        progress=ctx.progress, **options))
+        progress=ctx.progress, calls=ctx.calls, **options))
 
 
 class Oracle(Method):
@@ -174,10 +175,10 @@ class Oracle(Method):
     name = "oracle"
     nested = ("ld3",)
     options = declare(fit_oracle, ("source", "data", "solver", "steps", "order", "init", "seed", "offsets",
-                                   "progress"),
+                                   "progress", "calls"),
                       choices={"space": SPACES, "loss": LOSS_NAMES, "explore_sampler": EXPLORE_SAMPLERS},
                       low={"iterations": 0, "restarts": 0, "restart_scale": 0, "explore_trials": 0},
-                      positive=("lr",), extra=(START_SAMPLES,))
+                      positive=("lr",), extra=(START_SAMPLES, *NETWORK_OPTIONS.values()))
 
     def fit(self, ctx: FitContext, ld3: dict | None = None, start_samples: int = 50, **options: Any) -> FitResult:
         start = ld3_start(ctx, ld3 or {}, start_samples)
@@ -195,5 +196,5 @@ class Oracle(Method):
         offsets = torch.tensor(result.info["offsets"]) if "offsets" in result.info else None
         own = {k: v for k, v in options.items() if k not in ("ld3", "start_samples")}
         return fit_oracle(ctx.source, data, result.solver, result.steps, result.order, init=init, seed=ctx.seed,
-                          offsets=offsets, **own).per_sample
+                          offsets=offsets, calls=ctx.calls, **own).per_sample
 

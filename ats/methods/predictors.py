@@ -32,10 +32,10 @@ from ..models.base import ModelSource
 from ..options import Option, declare
 from ..intervals import paired_mean_change
 from ..params import SPACES, carried_cond_time, carried_cond_timesteps, timesteps_from_logits
-from ..solvers import Coeffs, CondTime, NextTime, bind_solver, coeffs, sample
+from ..solvers import Coeffs, CondTime, NetworkCalls, NextTime, bind_solver, coeffs, sample
 from ..tensors import expand_dims
 from ..teacher import TeacherData
-from .base import FitContext, Method, Progress
+from .base import NETWORK_OPTIONS, FitContext, Method, Progress
 from .common import FitDiverged, FitResult, check_finite
 from .ld3 import ld3_start
 from .oracle import START_SAMPLES, offsets_of, training_optimum
@@ -137,7 +137,7 @@ class OneShotPredictor(Predictor):
         """The solver on the one-shot schedules ``sampler.timesteps(x_T, labels)``."""
         ts, src = sampler.timesteps(x_T, labels), sampler.source
         return sample(src.model_fn_for(labels), src.noise_schedule, x_T, ts, sampler.solver, order=sampler.order,
-                      cond_timesteps=self.cond_timesteps(ts)), ts
+                      cond_timesteps=self.cond_timesteps(ts), **sampler.calls.kwargs), ts
 
     def regression_loss(self, sampler: PredictorSampler, x_T: Tensor, labels: Tensor | None,
                         target_ts: Tensor) -> Tensor:
@@ -178,7 +178,8 @@ class DeltaPredictor(Predictor):
         """The solver from x at t ([B]) to t_end ([B]), step k ending at ``next_time(k, x_k,
         c_k)``; returns x at the end and the times [B, N+1]."""
         ns = sampler.source.noise_schedule
-        run = bind_solver(sampler.source.model_fn_for(labels), ns, sampler.solver, self.steps, sampler.order)
+        run = bind_solver(sampler.source.model_fn_for(labels), ns, sampler.solver, self.steps, sampler.order,
+                          **sampler.calls.kwargs)
         steps = list(run.iter_steps(x, [coeffs(ns, t, x.ndim)], self.cond_time(t_end), next_time))
         return steps[-1].x, torch.stack([t] + [s.c.t for s in steps], 1)
 
@@ -247,11 +248,13 @@ def load_predictor(saved: dict) -> Predictor:
 
 
 class PredictorSampler:
-    """What a predictor's users call: ``(x_T, labels) -> (x0, per-sample times)``."""
+    """What a predictor's users call: ``(x_T, labels) -> (x0, per-sample times)``; ``calls``:
+    how the solver calls the network (checkpointing, precision)."""
 
     def __init__(self, predictor: Predictor, source: ModelSource, solver: str, order: int | None,
-                 space: str = "lambda") -> None:
+                 space: str = "lambda", calls: NetworkCalls = NetworkCalls()) -> None:
         self.predictor, self.source, self.solver, self.order, self.space = predictor, source, solver, order, space
+        self.calls = calls
 
     def timesteps(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
         """One-shot schedules [B, N+1] (one-shot predictors only)."""
@@ -267,7 +270,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
                   base: Tensor | None = None, base_xi: Tensor | None = None, space: str = "lambda",
                   loss: str = "l2", width: int | None = None, dropout: float = 0., epochs: int = 100,
                   finetune_epochs: int = 0, batch_size: int = 64, lr: float = 1e-3, patience: int = 10,
-                  seed: int = 0, progress: Progress | None = None) -> FitResult:
+                  seed: int = 0, progress: Progress | None = None,
+                  calls: NetworkCalls = NetworkCalls()) -> FitResult:
     """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits the optimum's
     schedules of the training samples (``oracle_train``, [B, N+1] times), then, for
     ``finetune_epochs``, the teacher loss through the solver (end to end); ``end_to_end``
@@ -275,7 +279,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     global schedule of logits ``base`` (the one-shot predictor also with its conditioning
     offsets ``base_xi``; default: the logSNR schedule). Early stopping on the validation
     teacher loss (the quantity that matters); the best checkpoint is returned, the start
-    itself where no epoch beat it. ``width`` None sizes the encoder from the input (``auto_width``)."""
+    itself where no epoch beat it. ``width`` None sizes the encoder from the input (``auto_width``).
+    ``calls``: how the solver calls the network (checkpointing, precision)."""
     if kind not in ("oneshot", "delta"):
         raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
     if objective not in OBJECTIVES:
@@ -298,7 +303,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     net = net.to(train.latents.device)
-    sampler = PredictorSampler(net, source, solver, order, space)
+    sampler = PredictorSampler(net, source, solver, order, space, calls)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history = {"train_loss": [], "valid_loss": []}
 
@@ -369,7 +374,7 @@ class _Predictor(Method):
     with the cell's other trials and its oracle)."""
     nested = ("ld3", "oracle")
     options = declare(fit_predictor, ("kind", "source", "train", "valid", "solver", "steps", "order", "oracle_train",
-                                      "base", "base_xi", "seed", "progress"),
+                                      "base", "base_xi", "seed", "progress", "calls"),
                       choices={"objective": OBJECTIVES, "space": SPACES, "loss": LOSS_NAMES},
                       low={"epochs": 0, "finetune_epochs": 0, "batch_size": 1, "patience": 0, "dropout": 0,
                            "width": 1},
@@ -377,7 +382,8 @@ class _Predictor(Method):
                       extra=(START_SAMPLES, Option("min_gain", frozenset({"float"}), 0.5, low=0,
                                                    help="the validation gain (%) a predictor needs over its start"),
                              Option("fallback", frozenset({"bool"}), True,
-                                    help="false: keep the predictor even where it is no better than its start")))
+                                    help="false: keep the predictor even where it is no better than its start"),
+                             *NETWORK_OPTIONS.values()))
 
     def fit(self, ctx: FitContext, ld3: dict | None = None, oracle: dict | None = None, start_samples: int = 50,
             min_gain: float = 0.5, fallback: bool = True, **options: Any) -> FitResult:
@@ -389,7 +395,7 @@ class _Predictor(Method):
             options["oracle_train"] = training_optimum(ctx, start, oracle or {}).per_sample
         result = fit_predictor(self.name, ctx.source, ctx.train, ctx.valid, ctx.solver, ctx.steps, ctx.order,
                                base=base, base_xi=offsets_of(start), seed=ctx.seed, progress=ctx.progress,
-                               **options)
+                               calls=ctx.calls, **options)
         result.info["ld3_timesteps"] = start.timesteps.tolist()   # the global schedule it started from
         if result.info.get("interrupted"):
             return result
@@ -405,10 +411,10 @@ def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, loss: s
     x, dtype = valid.latents, valid.latents.dtype
     with torch.no_grad():
         new, _ = PredictorSampler(result.predictor, src, result.solver, result.order,
-                                  result.info.get("space", "lambda"))(x, valid.labels)
+                                  result.info.get("space", "lambda"), ctx.calls)(x, valid.labels)
         cond = None if start.cond_timesteps is None else start.cond_timesteps.to(dtype)
         old = sample(src.model_fn_for(valid.labels), src.noise_schedule, x, start.timesteps.to(dtype), start.solver,
-                     order=start.order, cond_timesteps=cond)
+                     order=start.order, cond_timesteps=cond, **ctx.calls.kwargs)
     change = paired_mean_change(*(loss_fn(out, valid.targets).cpu().numpy() for out in (new, old)))
     n = len(x)
     better = min_gain == -math.inf or (change.high < 0 and change.pct <= -min_gain)

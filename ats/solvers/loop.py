@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 from torch import Tensor
 
 from ..noise import NoiseSchedule
+from .calls import NetworkCalls
 from .steps import Coeffs, ModelFn, SolverState, StepFn, coeffs
 
 NextTime = Callable[[int, Tensor, Coeffs], Tensor]
@@ -27,11 +29,18 @@ class Step(NamedTuple):
 @dataclass(frozen=True)
 class BoundSolver:
     """A step function bound to a network, its noise schedule and the order of each of the
-    N = len(orders) steps (``step_orders``)."""
+    N = len(orders) steps (``step_orders``); ``calls``: how the network is called
+    (checkpointed, autocast; ``ats.solvers.calls``)."""
     step_fn: StepFn
     model_fn: ModelFn
     noise_schedule: NoiseSchedule
     orders: Sequence[int]
+    calls: NetworkCalls = NetworkCalls()
+
+    @cached_property
+    def network(self) -> ModelFn:
+        """``model_fn`` as the steps call it (``calls`` applied)."""
+        return self.calls.wrap(self.model_fn)
 
     @property
     def steps(self) -> int:
@@ -42,7 +51,7 @@ class BoundSolver:
              last: bool | None = None) -> tuple[Tensor, SolverState]:
         """Step i, x at c.t -> x at cn.t, at order ``orders[i]`` and ``last`` on step N-1
         unless given."""
-        return self.step_fn(self.model_fn, x, c, cn, state, order=self.orders[i] if order is None else order,
+        return self.step_fn(self.network, x, c, cn, state, order=self.orders[i] if order is None else order,
                             cond_t=cond_t, cond_next=cond_next, last=i == self.steps - 1 if last is None else last)
 
     def iter_steps(self, x: Tensor, grid: Sequence[Coeffs], cond: Tensor | CondTime | None = None,

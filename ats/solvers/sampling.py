@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ..discretize import check_time_range
 from ..noise import NoiseSchedule
+from .calls import NetworkCalls
 from .loop import BoundSolver, NextTime, Step
 from .steps import (Generators, ModelFn, StepFn, coeffs, ddim_step, dpm_solver_pp_step, euler_step, grid_coeffs,
                     heun_step, ipndm_step, uni_pc_step)
@@ -105,10 +106,13 @@ def get_step_fn(solver: str, eta: float = 0., variant: str = "bh1", generator: G
 
 
 def bind_solver(model_fn: ModelFn, noise_schedule: NoiseSchedule, solver: str, steps: int, order: int | None = None,
-                lower_order_final: bool = True, **options: Any) -> BoundSolver:
-    """``get_step_fn(solver, **options)`` bound to the network, with the orders of ``steps`` steps."""
+                lower_order_final: bool = True, checkpoint: bool = False, precision: str = "fp32",
+                **options: Any) -> BoundSolver:
+    """``get_step_fn(solver, **options)`` bound to the network, with the orders of ``steps``
+    steps; ``checkpoint`` and ``precision``: how the network is called (``NetworkCalls``)."""
     step_fn = get_step_fn(solver, **options)
-    return BoundSolver(step_fn, model_fn, noise_schedule, step_orders(solver, steps, order, lower_order_final))
+    return BoundSolver(step_fn, model_fn, noise_schedule, step_orders(solver, steps, order, lower_order_final),
+                       NetworkCalls(checkpoint, precision))
 
 
 def _as_batch_times(name: str, ts: Tensor, batch: int, x: Tensor) -> Tensor:
@@ -136,8 +140,8 @@ def _cond_times(cond_timesteps: Tensor, ts: Tensor, x: Tensor, noise_schedule: N
 def sample(model_fn: ModelFn, noise_schedule: NoiseSchedule, x: Tensor, timesteps: Tensor, solver: str = "uni_pc",
            order: int | None = None, cond_timesteps: Tensor | None = None, lower_order_final: bool = True,
            eta: float = 0., variant: str = "bh1", generator: Generators = None, return_intermediates: bool = False,
-           callback: Callable[[Step], None] | None = None,
-           next_time: NextTime | None = None) -> Tensor | tuple[Tensor, Tensor]:
+           callback: Callable[[Step], None] | None = None, next_time: NextTime | None = None,
+           checkpoint: bool = False, precision: str = "fp32") -> Tensor | tuple[Tensor, Tensor]:
     """Integrate from x at ``timesteps[..., 0]`` to ``timesteps[..., -1]`` with ``solver``.
 
     ``timesteps``: strictly decreasing, [N+1] (one schedule) or [B, N+1] (one per sample).
@@ -148,12 +152,17 @@ def sample(model_fn: ModelFn, noise_schedule: NoiseSchedule, x: Tensor, timestep
     c)``: picks t_{i+1} from x at t_i (``c`` its coefficients) in place of timesteps[..., i + 1],
     so only t_0 and N come from ``timesteps``. Returns x at the end, and with
     ``return_intermediates`` also the states at every time, [N+1, B, ...].
+    ``checkpoint``: keep only each network call's inputs and output for the backward pass and
+    recompute its activations there (less memory through many steps of a big network, about
+    one more forward pass of compute). ``precision``: "fp32", or "bf16" / "fp16" to run the
+    network under autocast (fp16 on CUDA only); the solver's arithmetic stays in x's dtype.
     """
     if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 2:
         raise ValueError("x must be a floating-point tensor of shape [B, ...]")
     ts = _as_batch_times("timesteps", timesteps, x.shape[0], x)
-    run = bind_solver(model_fn, noise_schedule, solver, ts.shape[1] - 1, order, lower_order_final, eta=eta,
-                      variant=variant, generator=generator)
+    run = bind_solver(model_fn, noise_schedule, solver, ts.shape[1] - 1, order, lower_order_final, checkpoint,
+                      precision, eta=eta, variant=variant, generator=generator)
+    run.calls.check(x.device)
     with torch.no_grad():
         check_time_range(noise_schedule, ts, "timesteps")
         if not (ts[:, 1:] < ts[:, :-1]).all():

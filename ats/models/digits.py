@@ -191,7 +191,7 @@ def digits_source(weights: str | Path | None = None, conditional: bool = False,
     ``conditional``: then every seed gets a class label and the model classifier-free
     guidance at ``guidance_scale``."""
     path = Path(weights) if weights else DIGITS_UNET
-    net = load_digits_unet(path)
+    net = load_digits_unet(path).requires_grad_(False)   # a fit learns schedules, never the weights
     ns = digits_noise_schedule()
     null = torch.tensor(net.num_classes)
 

@@ -46,19 +46,24 @@ def time_ends(noise_schedule: NoiseSchedule, t_start: float | None = None, t_end
     return ends
 
 
-def get_timesteps(noise_schedule: NoiseSchedule, kind: str, steps: int,
-                  t_start: float | None = None, t_end: float | None = None, rho: float = 7.,
-                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
-    """N+1 decreasing times from ``t_start`` (default T) to ``t_end`` (default eps), exact ends."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown discretization kind {kind!r}; choose one of {', '.join(KINDS)}")
+def step_count(steps: object) -> int:
+    """``steps`` as an int >= 1; a one-line ValueError otherwise."""
     try:
         n = operator.index(steps)
     except TypeError:
         n = 0
     if n < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    steps = n
+    return n
+
+
+def get_timesteps(noise_schedule: NoiseSchedule, kind: str, steps: int,
+                  t_start: float | None = None, t_end: float | None = None, rho: float = 7.,
+                  dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """N+1 decreasing times from ``t_start`` (default T) to ``t_end`` (default eps), exact ends."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown discretization kind {kind!r}; choose one of {', '.join(KINDS)}")
+    steps = step_count(steps)
     if rho <= 0:
         raise ValueError(f"rho must be positive, got {rho}")
     ends = time_ends(noise_schedule, t_start, t_end, dtype, device)
@@ -119,12 +124,7 @@ def ays_timesteps(noise_schedule: NoiseSchedule, steps: int, family: str, dtype:
     The schedule must be of the family (``ValueError`` otherwise).
     """
     _check_ays_family(noise_schedule, family)
-    try:
-        n = operator.index(steps)
-    except TypeError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    n = step_count(steps)
     try:
         from diffusers.schedulers import AysSchedules
     except ImportError:

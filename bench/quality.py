@@ -273,6 +273,37 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGET_PREDICTORS = ("oneshot+fallback", "delta+fallback", "oneshot_reg+fallback", "delta_reg+fallback")
+
+
+def targets(results: dict) -> str:
+    """The per-sample targets per cell: the oracle's paired FID change against LD3 (its own
+    seeds), each predictor's as the methods return it (with the fallback; `*` where the interval
+    excludes 0), and the share of the oracle's gain it captures; then the averages over the cells."""
+    head = ["| dataset | solver | NFE | oracle vs LD3 | " + " | ".join(TARGET_PREDICTORS) + " |",
+            "|---|---|---|---|" + "---|" * len(TARGET_PREDICTORS)]
+    gains, shares = [], {m: [] for m in TARGET_PREDICTORS}
+    fmt = lambda r: Change(r["vs_ld3_pct"], r["vs_ld3_low"], r["vs_ld3_high"]).text().replace(" %", "%")  # noqa: E731
+    for c in results["configs"]:
+        rows = c["rows"]
+        if not all(m in rows for m in TARGET_PREDICTORS + ("oracle",)):
+            continue
+        oracle = rows["oracle"]["vs_ld3_pct"]
+        gains.append(oracle)
+        cells = []
+        for m in TARGET_PREDICTORS:
+            share = rows[m]["vs_ld3_pct"] / oracle if oracle < 0 else float("nan")
+            shares[m].append(share)
+            cells.append(f"{fmt(rows[m])}, {100 * share + 0.:.0f} % of the oracle's")
+        head.append(f"| {c['dataset']} | {c['solver']} | {c['nfe']} | {fmt(rows['oracle'])} (n={rows['oracle']['n']}) | "
+                    + " | ".join(cells) + " |")
+    if gains:
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        head.append(f"| mean over {len(gains)} cells | | | {mean(gains):+.1f}% | "
+                    + " | ".join(f"{100 * mean(shares[m]):.0f} % of the oracle's" for m in TARGET_PREDICTORS) + " |")
+    return "\n".join(head) + "\n"
+
+
 def write_tables(current: dict, began: float, out: Path) -> str:
     """quality.{json,md} in ``out``: the rows on disk (re-read under a lock, so runs side by side
     keep each other's rows) merged with what this run has finished so far, each file written
@@ -291,7 +322,11 @@ def write_tables(current: dict, began: float, out: Path) -> str:
                                                      for n, v in results[k].items() if n != "args"))
         md = ("# Schedule quality: FID ± 95 % interval, and the paired change against LD3 on the same seeds\n\n"
               "`*`: the change's 95 % interval excludes 0. The oracle is fitted on each of its samples (an upper "
-              "bound) and scored on the first n of the evaluation seeds, against LD3 on those same seeds.\n\n" + text) + ("\n" + "\n".join(notes) + "\n" if notes else "")
+              "bound) and scored on the first n of the evaluation seeds, against LD3 on those same seeds.\n\n" + text
+              + "\n## Targets: the oracle's gain over LD3 and the share each predictor captures\n\n"
+              "Predictors as the methods return them (LD3 itself where the fallback chose it); shares are "
+              "the predictor's paired change divided by the oracle's (on its own, smaller seed set).\n\n"
+              + targets(results)) + ("\n" + "\n".join(notes) + "\n" if notes else "")
         for name, body in (("quality.json", json.dumps(results, indent=2) + "\n"), ("quality.md", md)):
             write_atomic(out / name, lambda tmp: tmp.write_text(body))
     finally:

@@ -176,6 +176,7 @@ def test_predictors_start_exactly_at_the_global_schedule_with_its_offsets(setup)
     out, ts = PredictorSampler(one.predictor, source, "uni_pc", None)(x)
     torch.testing.assert_close(ts, ld3.timesteps.expand_as(ts), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert "base_xi" in dict(one.predictor.named_parameters())   # learned on from LD3's when trained end to end
     delta = fit_predictor("delta", source, train, valid, "uni_pc", 4, base=base, base_xi=xi, epochs=0)
     out, times = PredictorSampler(delta.predictor, source, "uni_pc", None)(x)
     torch.testing.assert_close(times, ld3.timesteps.expand_as(times), rtol=1e-5, atol=1e-6)

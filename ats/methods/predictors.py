@@ -10,7 +10,8 @@
   sigma_bar_t and k / N.
 Both carry the global schedule's conditioning offsets ``base_xi`` (LD3's s - t) to the times
 they choose (``carried_cond_time``: clipped to half the step before and half the way to the
-end), so an untrained predictor samples exactly as the global schedule it starts from. Both
+end), so an untrained predictor samples exactly as the global schedule it starts from; the
+offsets are parameters, learned on from there when training end to end. Both
 train (a) by
 regression on the optimum's schedules, then optionally end to end, or (b) end to end through
 the solver on the teacher loss, with validation, early stopping and the best checkpoint kept;
@@ -85,8 +86,13 @@ class Predictor(nn.Module):
     def __init__(self, shape: tuple[int, ...], steps: int, num_classes: int, width: int | None, dropout: float,
                  extra_inputs: int, outputs: int, base_xi: Tensor | None = None) -> None:
         super().__init__()
-        # The start's conditioning offsets (s - t of its schedule; zeros: none), carried to every schedule.
-        self.register_buffer("base_xi", torch.zeros(steps + 1) if base_xi is None else base_xi.detach().float().clone())
+        # The start's conditioning offsets (s - t of its schedule; zeros: none), carried to every
+        # schedule; a fit starts from them and learns them on (end to end), so it can undo them.
+        xi = torch.zeros(steps + 1) if base_xi is None else base_xi.detach().float().clone()
+        if bool(xi.any()):
+            self.base_xi = nn.Parameter(xi)
+        else:
+            self.register_buffer("base_xi", xi)
         width = auto_width(tuple(shape)) if width is None else int(width)
         self.config = {"shape": list(shape), "steps": steps, "num_classes": num_classes, "width": width,
                        "dropout": dropout}

@@ -41,7 +41,8 @@ from .summary import TrialRecord, best_trials, print_table, summarize
 from .teacher import DEFAULT_CACHE
 
 METRIC = "fid_select"
-LOGGED = ("fid_select", "fid_select_low", "fid_select_high", "l2_select", "n_select", "fit_seconds")
+LOGGED = ("fid_select", "fid_select_low", "fid_select_high", "l2_select", "n_select", "fit_seconds",
+          "valid_vs_start_pct", "valid_vs_start_low", "valid_vs_start_high", "kept_predictor")   # the last four: predictors only
 EXPERIMENT = "trials"
 BOARD = "ats-progress"
 NAMESPACE = "ats"

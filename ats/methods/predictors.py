@@ -11,8 +11,7 @@
 Both carry the global schedule's conditioning offsets ``base_xi`` (LD3's s - t) to the times
 they choose (``carried_cond_time``: clipped to half the step before and half the way to the
 end), so an untrained predictor samples exactly as the global schedule it starts from; the
-offsets are parameters, learned on from there when training end to end. Both
-train (a) by
+offsets are parameters, learned on from there when training end to end. Both train (a) by
 regression on the optimum's schedules, then optionally end to end, or (b) end to end through
 the solver on the teacher loss, with validation, early stopping and the best checkpoint kept;
 the validation loss of the untrained net is the start's, so the kept checkpoint is never
@@ -167,7 +166,7 @@ class DeltaPredictor(Predictor):
     def cond_time(self, t_end: Tensor) -> CondTime | None:
         """The start's offsets carried to each time as it is chosen, towards the end ``t_end``
         (None without offsets)."""
-        if not bool(self.base_xi.any()):
+        if not isinstance(self.base_xi, nn.Parameter):   # zeros, a buffer: no offsets
             return None
         return lambda j, t, t_prev: carried_cond_time(t, t_prev, t_end, self.base_xi[j].to(t))
 
@@ -282,8 +281,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     schedules of the training samples (``oracle_train``, [B, N+1] times), then, for
     ``finetune_epochs``, the teacher loss through the solver (end to end); ``end_to_end``
     minimises the teacher loss through the solver from the start. Both start exactly at the
-    global schedule of logits ``base`` (the one-shot predictor also with its conditioning
-    offsets ``base_xi``; default: the logSNR schedule). Early stopping on the validation
+    global schedule of logits ``base`` and its conditioning offsets ``base_xi`` (default: the
+    logSNR schedule without offsets). Early stopping on the validation
     teacher loss (the quantity that matters); the best checkpoint is returned, the start
     itself where no epoch beat it. ``width`` None sizes the encoder from the input (``auto_width``).
     ``calls``: how the solver calls the network (checkpointing, precision)."""

@@ -70,7 +70,8 @@ class BoundSolver:
             if fixed is not None:
                 s_next = fixed[i + 1]
             else:
-                s_next = cond(i + 1, cn.t.reshape(-1), c.t.reshape(-1)) if cond and i + 1 < self.steps else None
+                s_next = cond(i + 1, cn.t.reshape(-1), c.t.reshape(-1)) if cond is not None and i + 1 < self.steps \
+                    else None
             x, state = self.step(i, x, c, cn, state, s, s_next)
             yield Step(i, x, cn, state)
             c, s = cn, s_next

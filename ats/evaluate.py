@@ -23,7 +23,7 @@ from .methods.common import FitResult
 from .methods.results import GIVE, load_result, result_from_data, sample_result
 from .intervals import FidEstimate
 from .losses import l2_loss
-from .metrics import TeacherDistance, frechet_estimate
+from .metrics import TeacherDistance, fake_features, features_estimate
 from .models.base import ModelSource
 from .report import Row, compare, rich_table
 from .teacher import DEFAULT_CACHE, TeacherConfig, generate_teacher, split_seeds
@@ -92,18 +92,28 @@ def teacher_count(metric, n: int) -> int:
     return n if isinstance(metric, TeacherDistance) else min(n, L2_SAMPLES)
 
 
-def score_samples(source: ModelSource, metric, out: Tensor, targets: Tensor, seeds: str) -> tuple[FidEstimate, float]:
+def score_samples(source: ModelSource, metric, out: Tensor, targets: Tensor, seeds: str,
+                  prefixes: dict[str, int] | None = None) -> tuple[FidEstimate, float, dict[str, FidEstimate]]:
     """The score of samples ``out`` on the seed set ``seeds``: FID of their images
     (``source.images``) with its bootstrap, or the ``TeacherDistance`` to ``targets`` (the
-    teacher's samples of every seed); and the mean L2 to the teacher on the first
-    ``L2_SAMPLES``. Diverged samples score NaN."""
+    teacher's samples of every seed); the mean L2 to the teacher on the first ``L2_SAMPLES``;
+    and the same score of the first k samples for each entry of ``prefixes`` (seed-set name ->
+    k), from the same samples, so that a schedule scored on fewer seeds pairs with this one.
+    Diverged samples score NaN."""
     m = min(len(out), L2_SAMPLES)
     l2 = l2_loss(out[:m], targets[:m].to(out.device)).mean().item()
     if isinstance(metric, TeacherDistance):
-        return metric.estimate(out, targets, seeds), l2
-    if not torch.isfinite(out).all():
-        return FidEstimate.diverged(len(out), seeds), l2
-    return frechet_estimate(metric, source.images(out), seeds), l2
+        def estimate(k: int, name: str) -> FidEstimate:
+            return metric.estimate(out[:k], targets[:k], name)
+    elif not torch.isfinite(out).all():
+        def estimate(k: int, name: str) -> FidEstimate:
+            return FidEstimate.diverged(k, name)
+    else:
+        features = fake_features(metric, source.images(out))
+
+        def estimate(k: int, name: str) -> FidEstimate:
+            return features_estimate(metric, features[:k], name)
+    return estimate(len(out), seeds), l2, {name: estimate(k, name) for name, k in (prefixes or {}).items()}
 
 
 def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher: TeacherConfig,
@@ -123,7 +133,7 @@ def compare_on_eval(source: ModelSource, result: FitResult, n_eval: int, teacher
     rows = []
     for i, fit in enumerate(fits):
         out = sample_result(source, fit, x, labels)[0]
-        fid, l2 = score_samples(source, metric, out, targets, seed_set("eval", n_eval, start))
+        fid, l2, _ = score_samples(source, metric, out, targets, seed_set("eval", n_eval, start))
         rows.append(Row(fit.method, result.solver, result.nfe, fid, "baseline" if i < len(baselines) else "method", l2))
         if progress:
             progress("sampling", 1)

@@ -94,7 +94,11 @@ def frechet_estimate(metric, fake: Tensor, seeds: str = "", replicates: int | No
     default 200, or 50 for features wider than 512, where a replicate costs an n x d x d
     product: the 2048-d InceptionV3's). ``seeds`` names the seed set, so that estimates on the
     same seeds can be paired."""
-    features = fake_features(metric, fake)
+    return features_estimate(metric, fake_features(metric, fake), seeds, replicates)
+
+
+def features_estimate(metric, features: Tensor, seeds: str = "", replicates: int | None = None) -> FidEstimate:
+    """``frechet_estimate`` from the metric's features of the samples (``fake_features``)."""
     if replicates is None:
         replicates = BOOTSTRAP if features.shape[1] <= 512 else BOOTSTRAP // 4
     metric.reset()

@@ -113,7 +113,7 @@ def plot_fid_vs_nfe(rows: Sequence, path: str | Path) -> Path:
         fid = np.array([r.fid.fid for r in mine])
         err = np.array([[r.fid.fid - r.fid.low for r in mine], [r.fid.high - r.fid.fid for r in mine]])
         ax.errorbar([r.nfe for r in mine], fid, yerr=np.clip(np.nan_to_num(err), 0, None), marker="o", capsize=3,
-                    label=name, linestyle="--" if mine[0].kind == "baseline" else "-")
+                    label=mine[0].label, linestyle="--" if mine[0].kind == "baseline" else "-")
     ax.set_yscale("log")
     ax.set_xticks(sorted({r.nfe for r in rows}))
     ax.set_xlabel("NFE")
@@ -137,9 +137,9 @@ def plot_fid_intervals(rows: Sequence, path: str | Path) -> Path:
         color = "C1" if r.kind == "method" else "C0"
         ax.errorbar([r.fid.fid], [i], xerr=[[r.fid.fid - r.fid.low], [r.fid.high - r.fid.fid]], fmt="o",
                     color=color, capsize=3)
-    ax.set_yticks(range(len(rows)), [r.name + (" (baseline)" if r.kind == "baseline" else "") for r in rows])
+    ax.set_yticks(range(len(rows)), [r.label for r in rows])
     if rows:
-        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: {rows[0].fid.metric} on {rows[0].fid.n} samples, "
+        ax.set_title(f"{rows[0].solver}, NFE {rows[0].nfe}: {rows[0].fid.metric} on {max(r.fid.n for r in rows)} samples, "
                      "95 % intervals", fontsize="small")
     ax.set_xlabel(rows[0].fid.metric if rows else "FID")
     ax.grid(alpha=0.3, axis="x")

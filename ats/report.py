@@ -31,10 +31,23 @@ class Row:
     vs_baseline: Change = field(default_factory=lambda: NO_CHANGE)
     vs_ld3: Change = field(default_factory=lambda: NO_CHANGE)
     reference: str | None = None         # the baseline vs_baseline is measured against
+    others: dict[str, FidEstimate] = field(default_factory=dict)   # on other seed sets, by name: for pairing
+    subset: bool = False                 # scored on fewer seeds than the table's other rows (set by compare)
 
     @property
     def label(self) -> str:
-        return self.name + (" (baseline)" if self.kind == "baseline" else "")
+        return self.name + (" (baseline)" if self.kind == "baseline" else "") + \
+            (f" (first {self.fid.n} seeds)" if self.subset else "")
+
+    def on(self, seeds: str) -> FidEstimate | None:
+        """This schedule's estimate on the seed set ``seeds``, if it was scored there."""
+        return self.fid if self.fid.seeds == seeds else self.others.get(seeds)
+
+    def change_against(self, reference: "Row") -> Change:
+        """The paired change against ``reference`` on this row's seeds (none where the reference
+        was not scored on them)."""
+        other = reference.on(self.fid.seeds)
+        return NO_CHANGE if other is None else self.fid.change_pct(other)
 
     def to_json(self) -> dict[str, Any]:
         """One machine-readable row (percent changes are paired, 95 %)."""
@@ -77,22 +90,30 @@ def best_baseline(rows: Sequence[Row], by_select: bool = False) -> Row | None:
 
 def compare(rows: Sequence[Row], by_select: bool = False) -> Row | None:
     """Fill every row's paired change against the best baseline and against LD3 (the method
-    row named ``ld3``); returns the reference baseline."""
-    ref = best_baseline(rows, by_select)
+    row named ``ld3``), on the row's own seeds (a row scored on the first seeds only pairs with
+    the others' estimates there), and mark rows on fewer seeds than the rest; returns the
+    reference baseline."""
+    ref = best_baseline([r for r in rows if r.kind != "baseline" or not _fewer(r, rows)], by_select)
     ld3 = next((r for r in rows if r.kind == "method" and r.name == "ld3"), None)
     for r in rows:
+        r.subset = _fewer(r, rows)
         if ref is not None:
             r.reference = ref.name
-            r.vs_baseline = NO_CHANGE if r is ref else r.fid.change_pct(ref.fid)
+            r.vs_baseline = NO_CHANGE if r is ref else r.change_against(ref)
         if ld3 is not None and r.kind == "method" and r is not ld3:
-            r.vs_ld3 = r.fid.change_pct(ld3.fid)
+            r.vs_ld3 = r.change_against(ld3)
     return ref
+
+
+def _fewer(row: Row, rows: Sequence[Row]) -> bool:
+    """Whether ``row`` was scored on fewer seeds than the most of ``rows``."""
+    return row.fid.n < max(r.fid.n for r in rows)
 
 
 def verdict(rows: Sequence[Row]) -> str:
     """One plain line: the best method, its change against the best baseline, and whether the
     change is significant."""
-    methods = [r for r in rows if r.kind == "method" and math.isfinite(r.fid.fid)]
+    methods = [r for r in rows if r.kind == "method" and math.isfinite(r.fid.fid) and not r.subset]
     ref = next((r.reference for r in rows if r.reference), None)
     if not methods:
         return f"no method finished; the best baseline is {ref}" if ref else "nothing finished"

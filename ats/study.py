@@ -89,10 +89,13 @@ class Param:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A method of the study: fixed options for its fit function and its searched parameters."""
+    """A method of the study: fixed options for its fit function and its searched parameters;
+    ``n_scored``: score it on the first ``n_scored`` selection and evaluation seeds only (for a
+    method whose scoring is a fit per sample, the oracle), None for all of them."""
     name: str
     options: dict
     space: tuple[Param, ...]
+    n_scored: int | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,13 @@ class Study:
         """(method, solver, nfe) for every method x solver x NFE, in the study's order."""
         return [(m.name, s, n) for m in self.methods for s in self.solvers for n in self.nfes]
 
+    def trial_cells(self) -> list[tuple[str, str, int]]:
+        """The cell of every trial, in the order the search starts them: ``trials`` rounds over
+        the cells, where a method with nothing searched gets one trial per cell (more would
+        repeat the same fit)."""
+        spaces = {m.name: m.space for m in self.methods}
+        return [cell for r in range(self.trials) for cell in self.cells() if r == 0 or spaces[cell[0]]]
+
     def baseline_cells(self) -> list[tuple[str, str, int]]:
         """(baseline, solver, nfe) for every baseline x solver x NFE."""
         return [(b, s, n) for b in self.baselines for s in self.solvers for n in self.nfes]
@@ -149,7 +159,9 @@ class Study:
             "data": {k: getattr(self, k) for k in DATA_DEFAULTS},
             "baselines": list(self.baselines),
             "methods": {m.name: {"options": copy.deepcopy(m.options),
-                                 "space": {p.name: p.to_dict() for p in m.space}} for m in self.methods},
+                                 "space": {p.name: p.to_dict() for p in m.space},
+                                 **({} if m.n_scored is None else {"n_scored": m.n_scored})}
+                        for m in self.methods},
             "trials": self.trials, "sampler": self.sampler, "seed": self.seed,
             "resources": {"cpus_per_trial": self.cpus_per_trial, "gpus_per_trial": self.gpus_per_trial,
                           "max_concurrent": self.max_concurrent},
@@ -417,7 +429,10 @@ class _Reader:
         reason = method.unsupported(study["solvers"], study["steps"], DATASETS[study["dataset"]].has_real_data)
         if reason:
             fail(path, reason)
-        spec = mapping(value, path, ("options", "space"))
+        spec = mapping(value, path, ("options", "space", "n_scored"))
+        n_scored = spec.get("n_scored")
+        if n_scored is not None:
+            integer(n_scored, f"{path}.n_scored", 2)
         options = parse_options(method.options, spec.get("options"), f"{path}.options", nested_schemas(method))
         space_path = f"{path}.space"
         entries = spec.get("space") or {}
@@ -434,7 +449,7 @@ class _Reader:
             fail(f"{path}.{'options' if options.get('precision') == 'fp16' else 'space'}.precision",
                  "fp16 needs CUDA and this study's trials get no GPU (resources.gpus_per_trial is 0); "
                  "use bf16 or fp32")
-        return MethodSpec(name, options, space)
+        return MethodSpec(name, options, space, n_scored)
 
     def study(self, data: Any) -> Study:
         d = mapping(data, "", TOP_KEYS)

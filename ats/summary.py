@@ -71,11 +71,11 @@ def _cell_rows(study: Study, folder: Path, baselines: dict[str, dict], chosen: d
 def _row(cell: Cell, kind: str, folder: Path, metrics: dict[str, float], run_id: str | None) -> Row | None:
     """A schedule's row from its result folder's evaluation FID; None before it has one."""
     from .trial import load_fids
-    fid = load_fids(folder).get("eval")
-    if fid is None:
+    fids = load_fids(folder)
+    if "eval" not in fids:
         return None
-    return Row(cell.method, cell.solver, cell.nfe, fid, kind, metrics.get("l2_eval", math.nan), run_id,
-               metrics.get("fid_select", math.nan))
+    return Row(cell.method, cell.solver, cell.nfe, fids["eval"], kind, metrics.get("l2_eval", math.nan), run_id,
+               metrics.get("fid_select", math.nan), others={f.seeds: f for f in fids.values()})
 
 
 def change_metrics(r: Row, suffix: str = "") -> dict[str, float]:

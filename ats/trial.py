@@ -57,6 +57,21 @@ def split_size(study: Study, split: str) -> int:
     return {"train": study.n_train, "valid": study.n_valid, "select": study.n_select, "eval": study.n_eval}[split]
 
 
+def scored_size(study: Study, method: str, split: str) -> int:
+    """How many seeds of ``split`` score ``method``: all, or its ``n_scored`` where the study caps it."""
+    n = split_size(study, split)
+    cap = next((m.n_scored for m in study.methods if m.name == method and m.n_scored), n)
+    return min(n, cap)
+
+
+def prefix_sets(study: Study, split: str, n: int) -> dict[str, int]:
+    """The smaller seed sets of ``split`` that some method of the study is scored on (seed-set
+    name -> count): every schedule is scored on them too, from the same samples, so that those
+    methods' rows pair with every other row."""
+    sizes = {scored_size(study, m.name, split) for m in study.methods} - {n}
+    return {seed_set(split, k): k for k in sorted(sizes) if k < n}
+
+
 def split_data(study: Study, source: ModelSource, split: str, cache: str | Path,
                device: torch.device | str | None = None, n: int | None = None) -> TeacherData:
     """Teacher data of the first ``n`` samples of a split (default: all of the study's), cached,
@@ -79,12 +94,18 @@ def fit(study: Study, source: ModelSource, method: str, solver: str, nfe: int, o
 @dataclass
 class SplitScore:
     """A fit scored on a split's seeds: FID with its bootstrap, mean L2 to the teacher on the
-    first ``L2_SAMPLES`` seeds, the first samples (for the grid), and the per-sample schedules
-    used there (predictors, oracle; None for a global schedule)."""
+    first ``L2_SAMPLES`` seeds, the first samples (for the grid), the per-sample schedules
+    used there (predictors, oracle; None for a global schedule), and the FIDs of the first
+    seeds only (``prefix_sets``), by seed-set name."""
     fid: FidEstimate
     l2: float
     samples: torch.Tensor
     schedules: torch.Tensor | None
+    prefixes: dict[str, FidEstimate]
+
+    def fids(self, split: str) -> dict[str, FidEstimate]:
+        """What ``fid.json`` keeps of this score: the split's FID and the prefixes'."""
+        return {split: self.fid, **self.prefixes}
 
     def metrics(self, split: str) -> dict[str, float]:
         return {f"fid_{split}": self.fid.fid, f"fid_{split}_low": self.fid.low, f"fid_{split}_high": self.fid.high,
@@ -94,10 +115,11 @@ class SplitScore:
 def score(study: Study, source: ModelSource, result: FitResult, options: dict[str, Any],
           split: str, cache: str | Path, device: torch.device | str | None = None) -> SplitScore:
     """The fit on the seeds of ``split`` (``select``: the search objective; ``eval``: the final
-    table). Per-sample (oracle) schedules belong to their own samples: the oracle is refitted on
-    the split's samples (it needs their teacher targets), with the same settings, from the same
-    starting schedule."""
-    n = split_size(study, split)
+    table), or on the first ``n_scored`` of them where the study caps the method. Per-sample
+    (oracle) schedules belong to their own samples: the oracle is refitted on the split's
+    samples (it needs their teacher targets), with the same settings, from the same starting
+    schedule."""
+    n = scored_size(study, result.method, split)
     seeds = split_seeds(split, n)
     x = source.latents(seeds, dtype=source.dtype, device=device)
     labels = source.labels(seeds)
@@ -105,15 +127,16 @@ def score(study: Study, source: ModelSource, result: FitResult, options: dict[st
     if result.tied_to_seeds:   # schedules of other samples: the method gives these samples' own
         calls, options = split_network_options(options)
         ctx = FitContext(source, result.solver, result.steps, result.order, seed=study.seed, device=device, calls=calls)
-        own = METHODS[result.method].schedules_for(ctx, result, options, split_data(study, source, split, cache, device))
+        own = METHODS[result.method].schedules_for(ctx, result, options,
+                                                   split_data(study, source, split, cache, device, n=n))
         result = with_schedules(result, own)
     out, schedules = sample_result(source, result, x, labels)
     if not torch.isfinite(out).all():
         raise ValueError("samples contain NaN or inf; the sampler diverged, so no FID is computed")
     metric = source.make_metric()
     targets = split_data(study, source, split, cache, device, n=teacher_count(metric, n)).targets
-    fid, l2 = score_samples(source, metric, out, targets, seed_set(split, n))
-    return SplitScore(fid, l2, out[:GRID_SAMPLES], schedules)
+    fid, l2, prefixes = score_samples(source, metric, out, targets, seed_set(split, n), prefix_sets(study, split, n))
+    return SplitScore(fid, l2, out[:GRID_SAMPLES], schedules, prefixes)
 
 
 def start_metrics(result: FitResult) -> dict[str, float]:
@@ -142,7 +165,7 @@ def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[st
     last = list(scores)[-1]
     _keep_schedules(study, result, scores[last], last)
     scored = Scored(_on_cpu(result), metrics, scores[last].samples.cpu())
-    write_folder(scored, source, out, {split: s.fid for split, s in scores.items()})
+    write_folder(scored, source, out, {k: v for split, s in scores.items() for k, v in s.fids(split).items()})
     return scored
 
 
@@ -156,7 +179,7 @@ def evaluate_folder(study: Study, folder: str | Path, options: dict[str, Any], c
     s = score(study, source, result, options, "eval", cache, device)
     metrics = {**json.loads((folder / "metrics.json").read_text()), **s.metrics("eval")}
     _keep_schedules(study, result, s, "eval")
-    fids = {**load_fids(folder), "eval": s.fid}
+    fids = {**load_fids(folder), **s.fids("eval")}
     write_folder(Scored(_on_cpu(result), metrics, s.samples.cpu()), source, folder, fids)
     return metrics
 
@@ -165,11 +188,12 @@ def _keep_schedules(study: Study, result: FitResult, s: SplitScore, split: str) 
     """Per-sample schedules are saved with the seeds they belong to."""
     if s.schedules is not None:
         result.per_sample = s.schedules.detach().cpu()
-        result.seeds = torch.tensor(list(split_seeds(split, split_size(study, split))))
+        result.seeds = torch.tensor(list(split_seeds(split, len(s.schedules))))
 
 
 def load_fids(folder: str | Path) -> dict[str, FidEstimate]:
-    """The FID estimates (with their bootstrap replicates) of a result folder, by split."""
+    """The FID estimates (with their bootstrap replicates) of a result folder, by split, and
+    those of the first seeds of a split by seed-set name (``prefix_sets``)."""
     path = Path(folder) / FIDS
     if not path.exists():
         return {}

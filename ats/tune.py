@@ -1,8 +1,8 @@
 """The ``ats search`` driver: Ray Tune runs the trials, Optuna picks their hyperparameters,
 the driver alone writes MLflow (through ``ats.tracking``).
 
-A study has cells (method, solver, NFE); every cell gets ``study.trials`` trials from one
-OptunaSearch whose define-by-run space names each parameter after its cell, so the sampler
+A study has cells (method, solver, NFE); every cell gets ``study.trials`` trials (one for a
+method with nothing searched) from one OptunaSearch whose define-by-run space names each parameter after its cell, so the sampler
 models every cell on its own while one Tuner runs them all in parallel. The objective is
 the FID on the selection seeds. Trials are asked for in batches of ``max_concurrent`` and the
 searcher hears of a batch only when all of it has finished, so the same study suggests the
@@ -100,12 +100,12 @@ def _searcher_class():
 
 
 class CellSpace:
-    """Define-by-run space: the k-th trial goes to cell k mod (number of cells) and samples
+    """Define-by-run space: the k-th trial goes to the k-th of ``Study.trial_cells`` and samples
     that method's parameters under names prefixed by the cell. The counter is pickled with
     the searcher, so a resumed study continues the same rotation."""
 
     def __init__(self, study: Study) -> None:
-        self.cells = study.cells()
+        self.cells = study.trial_cells()
         self.spaces = {m.name: m.space for m in study.methods}
         self.count = 0
 
@@ -495,7 +495,7 @@ def run_study(study: Study, folder: Path, state: SearchState, resume: bool, cach
     tracker.end_running("KILLED")   # left by a search that died: reopened when their trial runs again
     state.save(folder)
     tracker.log_artifact(state.parent_run_id, folder / "study.yaml")   # the resolved study
-    console.print(f"study [bold]{study.name}[/]: {len(study.cells())} cells x {study.trials} trials, "
+    console.print(f"study [bold]{study.name}[/]: {len(study.cells())} cells, {len(study.trial_cells())} trials, "
                   f"{len(study.baseline_cells())} baselines; folder {folder}")
 
     ray.get(prepare_teacher.options(num_cpus=study.cpus_per_trial, num_gpus=study.gpus_per_trial)
@@ -579,7 +579,7 @@ def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, track
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(searcher, study.max_concurrent, batch=True),
-                                        num_samples=study.trials * len(study.cells())),
+                                        num_samples=len(study.trial_cells())),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(folder / "ray"), verbose=0,
                                       callbacks=[TrackingCallback(str(folder), spec, live)],
                                       failure_config=tune.FailureConfig(max_failures=study.max_failures),
@@ -590,7 +590,7 @@ def run_trials(study: Study, spec: dict, folder: Path, state: SearchState, track
     sync_runs(tracker, spec, grid)
     records = _records(grid)
     finished = sum(1 for r in grid if r.error is not None or METRIC in (r.metrics or {}))
-    interrupted = finished < study.trials * len(study.cells())
+    interrupted = finished < len(study.trial_cells())
     if not interrupted:
         end_stale_trials(state)
         if not records:

@@ -15,7 +15,7 @@ evaluation seeds; the oracle is fitted on each evaluation sample itself (the fir
 is measured where its paper measures it (DDIM, NFE 10). Every FID has its 95 % bootstrap
 interval and every change against LD3 is paired (the same evaluation seeds;
 ``ats.intervals``). Also: wall time of the batched oracle against a global fit with the same
-iterations and batch, and the one-shot predictor's sampling overhead.
+iterations and batch, and the one-shot and delta predictors' sampling overhead.
 
 Datasets: ``digits`` and the mixtures ``gmm-2d``, ``gmm-16d``, ``gmm-64d`` (the presets of
 ``GMM_PRESETS``; ``gmm`` alone means ``gmm-16d``).
@@ -57,7 +57,8 @@ from ats.solvers import sample, steps_for_nfe
 from ats.teacher import DEFAULT_CACHE, TeacherConfig, generate_teacher, split_seeds
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EXTRAS = ("timetuner_ddim10", "oracle_speed", "predictor_overhead_nfe5", "predictor_overhead_nfe5_width64")
+EXTRAS = ("timetuner_ddim10", "oracle_speed", "predictor_overhead_nfe5", "predictor_overhead_nfe5_width64",
+          "delta_overhead_nfe5")
 
 
 def dataset_source(name: str):
@@ -178,7 +179,7 @@ def oracle_speed(source, solver: str, nfe: int, n: int, iterations: int, cache: 
 
 def predictor_overhead(source, results: list, solver: str, nfe: int, n: int = 256, repeats: int = 20) -> list[dict]:
     """Median wall time (and process CPU time, which other programs on a shared machine do not
-    inflate) of sampling n latents with each one-shot predictor against plain sampling with a
+    inflate) of sampling n latents with each predictor against plain sampling with a
     global schedule; the calls alternate (plain, each predictor, plain, ...), so a busy machine
     slows all alike."""
     x = source.latents(split_seeds("eval", n), dtype=source.dtype)
@@ -205,14 +206,15 @@ def predictor_overhead(source, results: list, solver: str, nfe: int, n: int = 25
 
 
 def speed(source, args, cache: Path, oracle: bool = True) -> dict:
-    """The wall-time figures (digits): batched oracle against a global fit (``oracle``), and
-    the one-shot predictor's sampling overhead at NFE 5 with the automatic width and the
-    published 64."""
+    """The wall-time figures (digits): batched oracle against a global fit (``oracle``), the
+    one-shot predictor's sampling overhead at NFE 5 with the automatic width and the published
+    64, and the delta predictor's with the automatic width."""
     out = {"oracle_speed": oracle_speed(source, "dpm_solver++", 5, 512, 20, cache)} if oracle else {}
     data = [generate_teacher(source, split_seeds(s, 64), TeacherConfig(), cache, dtype=source.dtype)
             for s in ("train", "valid")]
-    fits = [fit_predictor("oneshot", source, *data, "dpm_solver++", 5, epochs=1, width=w) for w in (None, 64)]
-    out["predictor_overhead_nfe5"], out["predictor_overhead_nfe5_width64"] = \
+    fits = [fit_predictor(kind, source, *data, "dpm_solver++", 5, epochs=1, width=w)
+            for kind, w in (("oneshot", None), ("oneshot", 64), ("delta", None))]
+    out["predictor_overhead_nfe5"], out["predictor_overhead_nfe5_width64"], out["delta_overhead_nfe5"] = \
         predictor_overhead(source, fits, "dpm_solver++", 5, repeats=args.repeats)
     return out
 

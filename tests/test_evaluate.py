@@ -19,6 +19,7 @@ from ats.cli import main
 from test_search import ats, tiny_study
 
 N_EVAL = 64   # the study's evaluation seeds; `ats evaluate` starts after them
+N_ORACLE = 24   # the oracle is scored on the first 24 selection and evaluation seeds only
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def search(tmp_path_factory) -> dict:
                "oneshot": {"options": {"epochs": 2, "fallback": False, "ld3": {"epochs": 2}}, "space": lr},
                "delta": {"options": {"objective": "regression", "epochs": 2, "finetune_epochs": 1, **upstream},
                          "space": lr},
-               "oracle": {"options": {"ld3": upstream["ld3"], **upstream["oracle"]}, "space": lr}}
+               "oracle": {"options": {"ld3": upstream["ld3"], **upstream["oracle"]}, "n_scored": N_ORACLE}}
     tiny_study(root / "tiny.yaml", trials=1, methods=methods, data={"n_train": 32, "n_valid": 16, "n_select": 48,
                                                                      "n_eval": N_EVAL})
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -40,7 +41,7 @@ def search(tmp_path_factory) -> dict:
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     ids = {r.data.tags.get("method", "parent"): r.info.run_id for r in runs}
-    return {"ids": ids, "uri": uri, "cache": str(root / ".ats-cache" / "teacher"), "client": client}
+    return {"ids": ids, "uri": uri, "cache": str(root / ".ats-cache" / "teacher"), "client": client, "root": root}
 
 
 def invoke(args: list[str]):
@@ -94,6 +95,28 @@ def test_the_per_sample_methods_of_a_cell_share_one_ld3_start(search):
     run = client.get_run(search["ids"]["delta"])
     assert {"fid_select", "valid_vs_start_pct", "kept_predictor"} <= set(run.data.metrics)
     assert "result/schedule.png" in {a.path for a in client.list_artifacts(run.info.run_id, "result")}
+
+
+def test_the_oracle_scored_on_the_first_seeds_pairs_with_every_schedule_there(search):
+    """n_scored: the oracle's row is on the first N_ORACLE evaluation seeds, and its changes
+    against LD3 and the best baseline use their estimates on those same seeds (their result
+    folders keep them beside the full ones); the verdict names a method scored on all seeds."""
+    [summary] = search["root"].glob("**/summary/summary.json")
+    rows = {r["name"]: r for r in json.loads(summary.read_text())}
+    oracle, ld3 = rows["oracle"], rows["ld3"]
+    assert (oracle["n"], oracle["seeds"]) == (N_ORACLE, f"eval:0+{N_ORACLE}")
+    assert (ld3["n"], ld3["seeds"]) == (N_EVAL, f"eval:0+{N_EVAL}")
+    assert oracle["vs_ld3_pct"] is not None and oracle["vs_best_baseline_pct"] is not None
+    [ld3_folder] = (p.parent for p in search["root"].glob("**/fid.json")
+                    if json.loads((p.parent / "metrics.json").read_text()).get("fid_eval") == ld3["fid"])
+    fids = json.loads((ld3_folder / "fid.json").read_text())
+    assert {"select", "eval", f"select:0+{N_ORACLE}", f"eval:0+{N_ORACLE}"} <= set(fids)
+    ld3_there = fids[f"eval:0+{N_ORACLE}"]["fid"]
+    assert oracle["vs_ld3_pct"] == pytest.approx(100 * (oracle["fid"] - ld3_there) / ld3_there)
+    text = (summary.parent / "summary.md").read_text()
+    assert f"oracle (first {N_ORACLE} seeds)" in text and "best method oracle" not in text
+    run = search["client"].get_run(search["ids"]["oracle"])
+    assert run.data.metrics["n_eval"] == N_ORACLE and "vs_ld3_pct" in run.data.metrics
 
 
 def test_evaluate_a_predictor_and_refuse_the_oracle(search, tmp_path):

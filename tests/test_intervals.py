@@ -112,3 +112,37 @@ def test_a_diverged_row_has_no_change_whatever_the_bootstrap_size(gmm, metric):
     ok = frechet_estimate(metric, draws(gmm, 300, 9, 0.1), "e", replicates=50)
     assert math.isnan(FidEstimate.diverged(300, "e").change_pct(ok).pct)
     assert math.isnan(ok.change_pct(FidEstimate.diverged(300, "e")).pct)
+
+
+def test_a_row_on_the_first_seeds_pairs_with_the_others_estimates_there(gmm, metric):
+    """An oracle-like row scored on the first 300 of 600 seeds: its changes use the other rows'
+    estimates on those 300 seeds (their prefixes, from the same samples), it is labelled with
+    its seed count, and the verdict leaves it out; a reference not scored there gives no change."""
+    x = draws(gmm, 600, 5)
+    samples = {"edm": x + 0.3, "ld3": x + 0.1}
+    rows = [Row(name, "uni_pc", 5, frechet_estimate(metric, out, "eval:0+600"), kind,
+                others={"eval:0+300": frechet_estimate(metric, out[:300], "eval:0+300")})
+            for (name, out), kind in zip(samples.items(), ("baseline", "method"))]
+    oracle = Row("oracle", "uni_pc", 5, frechet_estimate(metric, x[:300] + 0.01, "eval:0+300"))
+    compare(rows + [oracle])
+    ld3_there = rows[1].others["eval:0+300"]
+    assert oracle.vs_ld3.pct == pytest.approx(100 * (oracle.fid.fid - ld3_there.fid) / ld3_there.fid)
+    assert oracle.vs_baseline.pct < 0 and oracle.vs_baseline.significant
+    assert oracle.label == "oracle (first 300 seeds)" and rows[1].label == "ld3"
+    assert "best method ld3" in verdict(rows + [oracle])
+    lone = Row("oracle", "uni_pc", 5, frechet_estimate(metric, x[:200], "eval:0+200"))
+    compare(rows + [lone])
+    assert math.isnan(lone.vs_ld3.pct) and math.isnan(lone.vs_baseline.pct)
+
+
+def test_prefix_scores_equal_the_score_of_the_first_samples(gmm, metric):
+    """score_samples' prefixes: the same estimate as scoring the first k samples alone."""
+    from ats.evaluate import score_samples
+    from ats.models.gmm import gmm_source
+    source = gmm_source(dim=8, components=4, seed=3)
+    out = draws(gmm, 400, 11, 0.05)
+    full, _, prefixes = score_samples(source, metric, out, out, "eval:0+400", {"eval:0+150": 150})
+    alone, _, _ = score_samples(source, metric, out[:150], out[:150], "eval:0+150")
+    assert full.n == 400 and set(prefixes) == {"eval:0+150"}
+    assert prefixes["eval:0+150"].fid == pytest.approx(alone.fid, rel=1e-9)
+    assert np.allclose(prefixes["eval:0+150"].replicates, alone.replicates)

@@ -108,6 +108,21 @@ def test_predictors_train_and_keep_the_best_checkpoint(setup, kind, objective):
     assert torch.isfinite(out).all() and (times.diff(dim=1) < 0).all()
 
 
+def test_fine_tuning_starts_from_the_best_state_of_the_regression(setup):
+    """A regression epoch that makes the validation loss worse is not where fine-tuning starts:
+    it starts from the best state (here the start), so its first epoch is an end-to-end epoch
+    from the start."""
+    source, train, valid = setup
+    optimum = fit_oracle(source, train, "dpm_solver++", 4, iterations=10, restarts=0).per_sample
+    common = dict(epochs=1, lr=1.0, batch_size=len(train.latents))
+    tuned = fit_predictor("oneshot", source, train, valid, "dpm_solver++", 4, objective="regression",
+                          oracle_train=optimum, finetune_epochs=1, **common)
+    plain = fit_predictor("oneshot", source, train, valid, "dpm_solver++", 4, **common)
+    start, after_regression, after_tuning = tuned.history["valid_loss"]
+    assert after_regression > start   # the premise: regression at this rate overshoots
+    assert after_tuning == pytest.approx(plain.history["valid_loss"][-1], rel=1e-6)
+
+
 def test_bad_method_input(setup):
     source, train, valid = setup
     with pytest.raises(ValueError, match="unknown predictor"):

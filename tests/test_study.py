@@ -145,6 +145,19 @@ def test_cells_order():
     assert len(study.baseline_cells()) == 8
 
 
+def test_a_method_with_nothing_searched_gets_one_trial_per_cell_and_n_scored_round_trips():
+    doc = base()
+    doc["nfes"] = [5]
+    doc["methods"]["oracle"] = {"options": {"iterations": 3}, "n_scored": 10}
+    study = study_from_dict(doc)
+    assert study.trial_cells() == [("ld3", "dpm_solver++", 5), ("ld3", "uni_pc", 5), ("oneshot", "dpm_solver++", 5),
+                                   ("oneshot", "uni_pc", 5), ("oracle", "dpm_solver++", 5), ("oracle", "uni_pc", 5),
+                                   ("ld3", "dpm_solver++", 5), ("ld3", "uni_pc", 5), ("oneshot", "dpm_solver++", 5),
+                                   ("oneshot", "uni_pc", 5)]
+    assert study.method("oracle").n_scored == 10 and study.method("ld3").n_scored is None
+    assert study_from_dict(study.to_dict()) == study
+
+
 def test_method_options_deep_merge():
     study = study_from_dict(base())
     merged = study.method_options("oneshot", {"width": 16.0, "ld3.lr": 0.005, "loss": "l2"})
@@ -213,7 +226,10 @@ def test_digits_guidance():
     # unknown keys, with a suggestion and the allowed ones
     ("nfe", [5], r"my\.yaml: nfe: unknown key \(did you mean 'nfes'\?\); allowed: name, dataset"),
     ("data/n_trian", 3, r"data\.n_trian: unknown key \(did you mean 'n_train'\?\); allowed: n_train, n_valid, n_select, n_eval"),
-    ("methods/ld3/opts", {}, r"methods\.ld3\.opts: unknown key \(did you mean 'options'\?\); allowed: options, space"),
+    ("methods/ld3/opts", {}, r"methods\.ld3\.opts: unknown key \(did you mean 'options'\?\); allowed: options, space, "
+                             r"n_scored"),
+    ("methods/ld3/n_scored", 0, r"methods\.ld3\.n_scored: must be >= 2, got 0"),
+    ("methods/ld3/n_scored", 1.5, r"methods\.ld3\.n_scored: must be an integer >= 2, got 1\.5"),
     ("resources", {"gpus": 1}, r"resources\.gpus: unknown key \(did you mean 'gpus_per_trial'\?\)"),
     ("teacher", {"steps": 20}, r"teacher\.steps: unknown key; allowed: solver, nfe, discretization, order"),
     # wrong types

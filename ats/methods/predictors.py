@@ -279,7 +279,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
                   calls: NetworkCalls = NetworkCalls()) -> FitResult:
     """Train a ``oneshot`` or ``delta`` predictor. objective ``regression`` fits the optimum's
     schedules of the training samples (``oracle_train``, [B, N+1] times), then, for
-    ``finetune_epochs``, the teacher loss through the solver (end to end); ``end_to_end``
+    ``finetune_epochs``, the teacher loss through the solver (end to end), from the regression's
+    best validation state (the start itself where regression never beat it); ``end_to_end``
     minimises the teacher loss through the solver from the start. Both start exactly at the
     global schedule of logits ``base`` and its conditioning offsets ``base_xi`` (default: the
     logSNR schedule without offsets). Early stopping on the validation
@@ -309,7 +310,6 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
     net = net.to(train.latents.device)
     sampler = PredictorSampler(net, source, solver, order, space, calls)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history = {"train_loss": [], "valid_loss": []}
 
     def teacher_loss(data: TeacherData) -> float:
@@ -325,7 +325,9 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     epoch = -1
     phases = [(objective, epochs)] + ([("end_to_end", finetune_epochs)] if objective == "regression" else [])
     try:
-        for phase, phase_epochs in phases:   # patience ends a phase; fine-tuning goes on from where regression ended
+        for phase, phase_epochs in phases:   # patience ends a phase; each starts from the best state so far
+            net.load_state_dict(best["state"])
+            opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)   # moments of its own loss
             bad = 0
             for _ in range(phase_epochs):
                 epoch += 1

@@ -75,6 +75,8 @@ def fit_method(method: str, source: ModelSource, solver: str, nfe: int, order: i
     result = m.fit(ctx, **parsed)
     if calls.precision != "fp32":
         result.info.setdefault("precision", calls.precision)   # fitted to the network in that precision
+    if source.loss_space != "latent":
+        result.info.setdefault("loss_space", source.loss_space)   # its losses compared decoded images
     for key, value in source.model_info().items():
         result.info.setdefault(key, value)   # the model it belongs to: ats.evaluate.check_fits compares it
     return result

@@ -86,14 +86,15 @@ class FitContext:
     def shared(self, what: str, settings: dict[str, Any], fit: Callable[[], FitResult]) -> FitResult:
         """A fit that every trial of the same cell shares (LD3's starting schedule, the optimum
         on the training seeds): ``fit()`` runs once per model, solver, steps, teacher, seeds,
-        network precision and ``settings``, and its result is kept under ``cache/shared/``; a
-        trial that asks while another computes it waits for it (a file lock), never fits it
-        twice. Stopped or diverged fits are returned but not kept. Results with a predictor are
-        not shareable."""
+        network precision, loss space and ``settings``, and its result is kept under
+        ``cache/shared/``; a trial that asks while another computes it waits for it (a file
+        lock), never fits it twice. Stopped or diverged fits are returned but not kept. Results
+        with a predictor are not shareable."""
         key = digest({"what": what, "model": self.source.identity, "solver": self.solver, "steps": self.steps,
                       "order": self.order, "teacher": asdict(self.teacher), "n_train": self.n_train,
                       "n_valid": self.n_valid, "seed": self.seed, "settings": settings,
-                      **({} if self.calls.precision == "fp32" else {"precision": self.calls.precision})})
+                      **({} if self.calls.precision == "fp32" else {"precision": self.calls.precision}),
+                      **({} if self.source.loss_space == "latent" else {"loss_space": self.source.loss_space})})
         path = Path(self.cache) / "shared" / f"{what}-{key[:24]}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "w") as lock:

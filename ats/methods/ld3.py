@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..discretize import FIXED, get_timesteps
-from ..losses import LOSS_NAMES, get_loss
+from ..losses import LOSS_NAMES, TeacherLoss, teacher_loss
 from ..models.base import ModelSource
 from ..params import SPACES, carried_cond_timesteps, logits_from_timesteps, offset_cond_timesteps, timesteps_from_logits
 from ..solvers import NetworkCalls, sample, solver_spec
@@ -59,8 +59,9 @@ class Student:
                       ts, self.solver, order=self.order, cond_timesteps=cs, **self.calls.kwargs)
 
 
-def best_fixed_logits(student: Student, loss_fn, data: TeacherData, steps: int) -> Tensor:
-    """Logits of the fixed discretization with the lowest mean loss on ``data``."""
+def best_fixed_logits(student: Student, loss_fn: TeacherLoss, data: TeacherData, steps: int) -> Tensor:
+    """Logits of the fixed discretization with the lowest mean loss on ``data`` (its targets in
+    the loss's space: ``loss_fn.targets``)."""
     ns = student.source.noise_schedule
     best, best_loss = None, float("inf")
     for kind in FIXED:
@@ -91,12 +92,14 @@ def fit_ld3(source: ModelSource, train: TeacherData, valid: TeacherData, solver:
     ``progress("ld3", epoch, valid_loss)`` after every epoch. Ctrl-C returns the best state
     so far (``info['interrupted']``); a non-finite loss raises FitDiverged with the best
     state so far as ``.result``. ``calls``: how the solver calls the network (checkpointing,
-    precision; ``NetworkCalls``)."""
+    precision; ``NetworkCalls``). The loss compares in the source's ``loss_space``
+    (``teacher_loss``)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if batch_size < 1 or epochs < 0:
         raise ValueError(f"batch_size must be >= 1 and epochs >= 0, got {batch_size} and {epochs}")
-    loss_fn = get_loss(loss)
+    loss_fn = teacher_loss(loss, source, calls)
+    train, valid = loss_fn.targets(train), loss_fn.targets(valid)
     student = Student(source, solver, order, space, calls=calls)
     dtype, device = train.latents.dtype, train.latents.device
     g = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..losses import LOSS_NAMES, get_loss
+from ..losses import LOSS_NAMES, TeacherLoss, teacher_loss
 from ..models.base import ModelSource
 from ..options import Option, declare
 from ..params import SPACES
@@ -45,7 +45,7 @@ class _Best:
         self.theta[better] = theta.detach()[better]
 
 
-def _descend(student: Student, loss_fn, data: TeacherData, theta0: Tensor, iterations: int, lr: float,
+def _descend(student: Student, loss_fn: TeacherLoss, data: TeacherData, theta0: Tensor, iterations: int, lr: float,
              best: _Best, history: list, progress, round_name: str) -> None:
     """Adam on the per-sample logits from ``theta0``; every iterate updates ``best``."""
     theta = theta0.detach().clone().requires_grad_(True)
@@ -66,7 +66,7 @@ def _descend(student: Student, loss_fn, data: TeacherData, theta0: Tensor, itera
         best.update(loss_fn(student(theta, None, unit, data.labels), data.targets), theta)
 
 
-def _explore(student: Student, loss_fn, data: TeacherData, init: Tensor, trials: int, sampler: str,
+def _explore(student: Student, loss_fn: TeacherLoss, data: TeacherData, init: Tensor, trials: int, sampler: str,
              seed: int, best: _Best, spread: float = 1.5) -> Tensor:
     """One Optuna study per sample over the N gap logits (theta_1..theta_N, centred on the
     global schedule's); each round asks all B studies once and answers them with one batched
@@ -108,10 +108,12 @@ def fit_oracle(source: ModelSource, data: TeacherData, solver: str, steps: int, 
     schedule (``carried_cond_timesteps``; kept in ``info["offsets"]``). Rounds: gradient descent from ``init``, then ``restarts`` rounds from ``init`` plus
     noise of scale restart_scale * k, then (``explore_trials`` > 0) Optuna exploration and a
     gradient refinement of its best candidates. Returns ``per_sample`` times [B, N+1] with
-    ``info['loss']`` per sample. ``calls``: how the solver calls the network."""
+    ``info['loss']`` per sample (in the source's ``loss_space``). ``calls``: how the solver calls
+    the network."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    loss_fn = get_loss(loss)
+    loss_fn = teacher_loss(loss, source, calls)
+    data = loss_fn.targets(data)
     student = Student(source, solver, order, space, offsets, calls)
     b, dtype, device = data.latents.shape[0], data.latents.dtype, data.latents.device
     init = torch.zeros(steps + 1, dtype=dtype, device=device) if init is None \

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..losses import LOSS_NAMES, get_loss
+from ..losses import LOSS_NAMES, teacher_loss
 from ..models.base import ModelSource
 from ..options import Option, declare
 from ..intervals import paired_mean_change
@@ -286,7 +286,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     logSNR schedule without offsets). Early stopping on the validation
     teacher loss (the quantity that matters); the best checkpoint is returned, the start
     itself where no epoch beat it. ``width`` None sizes the encoder from the input (``auto_width``).
-    ``calls``: how the solver calls the network (checkpointing, precision)."""
+    ``calls``: how the solver calls the network (checkpointing, precision). The teacher loss
+    compares in the source's ``loss_space`` (``teacher_loss``)."""
     if kind not in ("oneshot", "delta"):
         raise ValueError(f"unknown predictor {kind!r}; choose 'oneshot' or 'delta'")
     if objective not in OBJECTIVES:
@@ -297,7 +298,8 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
         raise ValueError("the delta predictor needs steps >= 2 (the last time is fixed)")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    loss_fn = get_loss(loss)
+    loss_fn = teacher_loss(loss, source, calls)
+    train, valid = loss_fn.targets(train), loss_fn.targets(valid)
     classes = source.num_classes
     if kind == "oneshot":
         base = torch.zeros(steps + 1) if base is None else base
@@ -312,7 +314,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
     sampler = PredictorSampler(net, source, solver, order, space, calls)
     history = {"train_loss": [], "valid_loss": []}
 
-    def teacher_loss(data: TeacherData) -> float:
+    def mean_loss(data: TeacherData) -> float:
         net.eval()
         with torch.no_grad():
             out, _ = sampler(data.latents, data.labels)
@@ -320,7 +322,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
         net.train()
         return value
 
-    best = {"valid": teacher_loss(valid), "state": copy.deepcopy(net.state_dict()), "epoch": -1}
+    best = {"valid": mean_loss(valid), "state": copy.deepcopy(net.state_dict()), "epoch": -1}
     history["valid_loss"].append(best["valid"])
     epoch = -1
     phases = [(objective, epochs)] + ([("end_to_end", finetune_epochs)] if objective == "regression" else [])
@@ -345,7 +347,7 @@ def fit_predictor(kind: str, source: ModelSource, train: TeacherData, valid: Tea
                     check_finite(torch.nn.utils.clip_grad_norm_(net.parameters(), 1.), epoch, "gradient norm")
                     opt.step()
                     losses.append(value)
-                val = check_finite(teacher_loss(valid), epoch, "validation loss")
+                val = check_finite(mean_loss(valid), epoch, "validation loss")
                 history["train_loss"].append(sum(losses) / len(losses))
                 history["valid_loss"].append(val)
                 if progress is not None:
@@ -414,7 +416,8 @@ def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, loss: s
     and the paired 95 % interval of the change lies below zero; else the start (its global
     schedule under the result's method name); ``min_gain`` -inf keeps the predictor whatever the
     change. ``info["vs_start"]`` records the change and which was kept."""
-    valid, src, loss_fn = ctx.valid, ctx.source, get_loss(loss)
+    src, loss_fn = ctx.source, teacher_loss(loss, ctx.source, ctx.calls)
+    valid = loss_fn.targets(ctx.valid)
     x, dtype = valid.latents, valid.latents.dtype
     with torch.no_grad():
         new, _ = PredictorSampler(result.predictor, src, result.solver, result.order,

@@ -1,6 +1,7 @@
 """What a sampler needs from a model: ``ModelSource`` (the network as ``model_fn``, its noise
 schedule, one sample's shape, an identity for caches, its FID, its real data, and for latent
-models the decoder that turns samples into images), and the digests that make identities."""
+models the decoder that turns samples into images and the space the training losses compare
+in), and the digests that make identities."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,18 @@ from torch import Tensor
 from ..noise import NoiseSchedule
 from ..tensors import ModelFn
 
+LOSS_SPACES = ("latent", "image")   # where training losses compare a student's samples with the teacher's
+
+
+def loss_space_problem(name: str, loss_space: str, has_decoder: bool) -> str | None:
+    """Why model ``name`` cannot train in ``loss_space`` (one line naming the fix), or None."""
+    if loss_space not in LOSS_SPACES:
+        return f"unknown loss space {loss_space!r}; choose one of {', '.join(LOSS_SPACES)}"
+    if loss_space == "image" and not has_decoder:
+        return (f"--loss-space image decodes latents with the model's VAE; {name} has none (its samples are "
+                "images or points already, so its losses are on them): leave --loss-space out")
+    return None
+
 
 @dataclass
 class ModelSource:
@@ -22,7 +35,10 @@ class ModelSource:
     schedule, one sample's shape, and for conditional models the number of classes (or, for
     text-conditional ones, of prompts: their labels are prompt indices); what a method may need
     besides: ``real_data(n, seed)`` where the data set is at hand. Latent models sample in
-    latent space (``shape`` is the latent's) and ``decode`` their samples into images."""
+    latent space (``shape`` is the latent's) and ``decode`` their samples into images
+    (differentiably: gradients flow through it where its input requires them). ``loss_space``:
+    where the training losses compare samples with teacher targets (``ats.losses.TeacherLoss``):
+    ``latent`` as they are, ``image`` after ``decode``."""
     name: str
     model_fn_for: Callable[[Tensor | None], ModelFn]
     noise_schedule: NoiseSchedule
@@ -35,7 +51,13 @@ class ModelSource:
     networks: tuple[torch.nn.Module, ...] = ()      # what ``to`` moves
     real_data: Callable[[int, int], Tensor] | None = None   # (n, seed) -> real samples (TimeTuner's data)
     num_prompts: int = 0                            # text-conditional: labels index these prompts (no classes)
-    decode: Callable[[Tensor], Tensor] | None = None   # latent models: samples -> images in [-1, 1]
+    decode: Callable[..., Tensor] | None = None     # latent models: samples -> images in [-1, 1] (``checkpoint=``)
+    loss_space: str = "latent"                      # one of LOSS_SPACES
+
+    def __post_init__(self) -> None:
+        problem = loss_space_problem(self.name, self.loss_space, self.decode is not None)
+        if problem:
+            raise ValueError(problem)
 
     def to(self, device: torch.device | str) -> "ModelSource":
         """Move the networks (in place) to ``device``; samplers follow their inputs' device."""
@@ -73,8 +95,11 @@ class ModelSource:
 
     def images(self, samples: Tensor) -> Tensor:
         """Samples as images in [-1, 1] (what FID and grids see): decoded for latent models,
-        the samples themselves otherwise."""
-        return samples if self.decode is None else self.decode(samples)
+        the samples themselves otherwise (no gradient)."""
+        if self.decode is None:
+            return samples
+        with torch.no_grad():
+            return self.decode(samples)
 
 
 def file_digest(path: Path) -> str:

@@ -24,8 +24,10 @@ Three kinds:
 - class-conditional (the UNet's ``num_class_embeds``): a class label per seed;
 - unconditional: a UNet with cross-attention attends to one all-zero context token.
 
-Teacher targets and the fit's losses live in latent space; the teacher cache's identity covers
-the UNet, text encoder, tokenizer, scheduler, prompts and guidance, not the VAE.
+Teacher targets live in latent space; the teacher cache's identity covers the UNet, text
+encoder, tokenizer, scheduler, prompts and guidance, not the VAE. The fits' losses compare
+latents, or with ``loss_space="image"`` the decoded images (``ats.losses.TeacherLoss``: the
+decoder is differentiable, so the gradient reaches the schedule through it).
 """
 from __future__ import annotations
 
@@ -38,10 +40,11 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint as checkpoint_call
 
 from ..discretize import AYS_PIPELINES
 from ..noise import NoiseScheduleVP
-from .base import ModelFn, ModelSource, digest, file_digest
+from .base import ModelFn, ModelSource, digest, file_digest, loss_space_problem
 from .diffusers_unet import PREDICTION_TYPES
 from .wrapper import model_wrapper
 
@@ -289,9 +292,12 @@ def _load(cls: Any, folder: Path, what: str, **kwargs: Any) -> Any:
                          "the files are missing, corrupt or of another architecture") from None
 
 
-def vae_decoder(vae: torch.nn.Module, batch: int = DECODE_BATCH) -> Callable[[Tensor], Tensor]:
-    """Latents [B, C, h, w] -> images in [-1, 1] [B, 3, H, W] (no gradient), ``batch`` at a time,
-    on the VAE's device, returned on the latents' device and dtype."""
+def vae_decoder(vae: torch.nn.Module, batch: int = DECODE_BATCH) -> Callable[..., Tensor]:
+    """Latents [B, C, h, w] -> images in [-1, 1] [B, 3, H, W], ``batch`` at a time, on the VAE's
+    device, returned on the latents' device and dtype. Differentiable: where the latents require
+    gradients they flow back through the decoder (an image-space loss); ``checkpoint=True``
+    then recomputes each batch's decoder activations in the backward pass instead of keeping
+    them."""
     cfg = vae.config
     scale = float(cfg.scaling_factor)
     mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
@@ -300,13 +306,16 @@ def vae_decoder(vae: torch.nn.Module, batch: int = DECODE_BATCH) -> Callable[[Te
     else:
         mean_t, std_t = torch.tensor(float(getattr(cfg, "shift_factor", None) or 0.)), torch.tensor(1.)
 
-    def decode(latents: Tensor) -> Tensor:
+    def run(z: Tensor) -> Tensor:
+        return vae.decode(z).sample
+
+    def decode(latents: Tensor, checkpoint: bool = False) -> Tensor:
         p = next(vae.parameters())
         outs = []
-        with torch.no_grad():
-            for z in latents.split(batch):
-                z = z.to(p.device, torch.float32) * std_t.to(p.device) / scale + mean_t.to(p.device)
-                outs.append(vae.decode(z.to(p.dtype)).sample.clamp(-1, 1).to(latents.device, latents.dtype))
+        for z in latents.split(batch):
+            z = (z.to(p.device, torch.float32) * std_t.to(p.device) / scale + mean_t.to(p.device)).to(p.dtype)
+            image = checkpoint_call(run, z, use_reentrant=False) if checkpoint and z.requires_grad else run(z)
+            outs.append(image.clamp(-1, 1).to(latents.device, latents.dtype))
         return torch.cat(outs)
 
     return decode
@@ -330,9 +339,10 @@ def _metric_factory(inception_weights: str | Path | None, fid_reference: str | P
 
 
 def pipeline_source(checkpoint: str | Path, prompts: str | Path | None = None, guidance_scale: float | None = None,
-                    inception_weights: str | Path | None = None,
-                    fid_reference: str | Path | None = None) -> ModelSource:
-    """A latent pipeline folder as a model source (see the module docstring)."""
+                    inception_weights: str | Path | None = None, fid_reference: str | Path | None = None,
+                    loss_space: str = "latent") -> ModelSource:
+    """A latent pipeline folder as a model source (see the module docstring); ``loss_space``
+    ``image``: the fits' losses compare decoded images."""
     layout = read_layout(checkpoint)
     path = layout.path
     what = f"pipeline {path}"
@@ -400,30 +410,37 @@ def pipeline_source(checkpoint: str | Path, prompts: str | Path | None = None, g
             **({"ays_family": AYS_PIPELINES[layout.pipeline]} if layout.pipeline in AYS_PIPELINES else {})}
     if layout.text:
         info.update(prompts=str(prompts), num_prompts=len(prompt_list), guidance_scale=scale)
+    if loss_space != "latent":
+        info["loss_space"] = loss_space
     return ModelSource(name, model_fn_for, ns, shape, identity, make_metric, num_classes=layout.num_classes,
-                       info=info, networks=networks, num_prompts=len(prompt_list), decode=vae_decoder(vae))
+                       info=info, networks=networks, num_prompts=len(prompt_list), decode=vae_decoder(vae),
+                       loss_space=loss_space)
 
 
 def unet_folder_source(checkpoint: str | Path, prompts: str | Path | None = None, guidance_scale: float | None = None,
-                       inception_weights: str | Path | None = None,
-                       fid_reference: str | Path | None = None) -> ModelSource:
+                       inception_weights: str | Path | None = None, fid_reference: str | Path | None = None,
+                       loss_space: str = "latent") -> ModelSource:
     """A UNet2DModel folder (pixel space, ``ats.models.diffusers_unet``); without an FID
-    reference it ranks by the distance to the teacher."""
+    reference it ranks by the distance to the teacher. Its losses are on its samples, which
+    are images: ``loss_space`` ``image`` (a VAE's) is refused."""
     from .diffusers_unet import cifar10_source
     for flag, value in (("--prompts", prompts), ("--guidance-scale", guidance_scale)):
         if value is not None:
             raise ValueError(f"{flag} is for text-to-image pipelines; {checkpoint} is an unconditional UNet2DModel "
                              "folder: leave it out")
+    problem = loss_space_problem(f"the UNet2DModel folder {checkpoint}", loss_space, has_decoder=False)
+    if problem:
+        raise ValueError(problem)
     make_metric = _metric_factory(inception_weights, fid_reference)
     return replace(cifar10_source(checkpoint, inception_weights, fid_reference), make_metric=make_metric)
 
 
 def diffusers_source(checkpoint: str | Path | None = None, prompts: str | Path | None = None,
                      guidance_scale: float | None = None, inception_weights: str | Path | None = None,
-                     fid_reference: str | Path | None = None) -> ModelSource:
+                     fid_reference: str | Path | None = None, loss_space: str = "latent") -> ModelSource:
     """Any supported diffusers folder as a model source, by its layout."""
     build = pipeline_source if folder_kind(checkpoint) == "pipeline" else unet_folder_source
-    return build(checkpoint, prompts, guidance_scale, inception_weights, fid_reference)
+    return build(checkpoint, prompts, guidance_scale, inception_weights, fid_reference, loss_space)
 
 
 def diffusers_noise_schedule(checkpoint: str | Path | None = None, **options: Any) -> NoiseScheduleVP:
@@ -437,7 +454,7 @@ def diffusers_noise_schedule(checkpoint: str | Path | None = None, **options: An
 
 def diffusers_problems(checkpoint: str | Path | None = None, prompts: str | Path | None = None,
                        guidance_scale: float | None = None, inception_weights: str | Path | None = None,
-                       fid_reference: str | Path | None = None) -> list[str]:
+                       fid_reference: str | Path | None = None, loss_space: str = "latent") -> list[str]:
     """What is missing or wrong on disk, one line each, before anything loads."""
     from ..metrics import find_inception_weights
     problems = []
@@ -446,6 +463,9 @@ def diffusers_problems(checkpoint: str | Path | None = None, prompts: str | Path
         if kind == "unet":
             from .diffusers_unet import check_checkpoint_dir
             check_checkpoint_dir(checkpoint)
+            problem = loss_space_problem(f"the UNet2DModel folder {checkpoint}", loss_space, has_decoder=False)
+            if problem:
+                problems.append(problem)
         elif read_layout(checkpoint).text:
             read_prompts(prompts)
     except ValueError as e:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..intervals import FID, TEACHER_L2
 from ..noise import NoiseSchedule, NoiseScheduleVP
 from ..options import Option, did_you_mean, parse_options
-from .base import ModelSource
+from .base import LOSS_SPACES, ModelSource
 
 GMM_PRESETS = {"2d": dict(dim=2, components=8), "16d": dict(dim=16, components=8),
                "64d": dict(dim=64, components=16)}
@@ -154,6 +154,10 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         "fid_reference": Option("fid_reference", _STR_OR_NONE, None,
                                 help="diffusers: real-image statistics (.npz with mu, sigma) or a folder of images; "
                                      "without one, schedules are ranked by the L2 to the teacher."),
+        "loss_space": Option("loss_space", frozenset({"str"}), "latent", LOSS_SPACES,
+                             help="diffusers: latent pipelines: where the fits' losses compare samples with the "
+                                  "teacher's: latent (default), or image: on VAE-decoded images, with gradients "
+                                  "through the decoder (teacher targets stay cached latents)."),
     }, _diffusers, _diffusers_schedule, has_real_data=False, check_files=_diffusers_problems,
         score=lambda fid_reference=None, **options: FID if fid_reference else TEACHER_L2),
 )}

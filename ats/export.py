@@ -327,6 +327,10 @@ def export_torch(result: FitResult, source: ModelSource, out: str | Path, batch:
     (one-shot predictors: x_T -> times), ``meta.json`` and ``ats_predictor.py`` (the loader,
     torch only) into the folder ``out``; returns the files."""
     if not isinstance(result.predictor, (OneShotPredictor, DeltaPredictor)):
+        if result.info.get("vs_start", {}).get("kept") == "start":
+            raise ExportError(f"this {result.method} result kept the global schedule it started from (its predictor "
+                              "was no better on the validation seeds), so it holds no predictor: use --format "
+                              "diffusers, or refit with --option fallback=false to keep the predictor")
         if result.timesteps is not None:
             raise ExportError(f"{result.method} gives one global schedule: use --format diffusers (or its "
                               "schedule.json); --format torch is for the oneshot and delta predictors")

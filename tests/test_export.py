@@ -151,6 +151,9 @@ def test_diffusers_format_refuses_predictor(tmp_path):
     assert "one schedule for the whole batch" in message and "--format torch" in message
     with pytest.raises(ExportError, match="--format diffusers"):
         export_torch(FitResult("ld3", "uni_pc", 3, 5, timesteps=TIMES), source, tmp_path / "x")
+    kept = FitResult("oneshot", "uni_pc", 3, 5, timesteps=TIMES, info={"vs_start": {"kept": "start"}})
+    with pytest.raises(ExportError, match="kept the global schedule it started from .* fallback=false"):
+        export_torch(kept, source, tmp_path / "x")   # a predictor no better than its start
 
 
 RUN_WITHOUT_ATS = textwrap.dedent("""

@@ -668,7 +668,7 @@ def export(result, source, study, run_id, tracking_uri, cache, fmt, out, batch) 
             click.echo(f"usage (torch only): import sys; sys.path.insert(0, '{files[0].parent}'); "
                        "from ats_predictor import sample, schedule")
             return
-        data = diffusers_schedule(result, source.noise_schedule)
+        data = diffusers_schedule(result, source.noise_schedule, source.info.get("model_type"))
     except ExportError as e:
         raise click.UsageError(str(e))
     snippet = diffusers_snippet(data, source.info.get("checkpoint", MODEL_DIR))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .methods.common import FitResult
 from .methods.predictors import DeltaPredictor, OneShotPredictor, PredictorSampler
 from .models.base import ModelSource
+from .models.wrapper import eps_coefficients
 from .noise import EDMSchedule, NoiseSchedule, NoiseScheduleVP, RectifiedFlowSchedule
 
 EDM_RHO = 7.
@@ -85,7 +86,18 @@ def sigmas_convention(steps: int, last: float) -> str:
             f"append the 0 themselves take the first {steps} values of either list")
 
 
-def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict:
+def output_conversion(noise_schedule: NoiseSchedule, model_type: str, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, weight) per step: ats turns a ``model_type`` network's output ``out`` at the
+    conditioning time s into its noise prediction with s's coefficients, a diffusers scheduler
+    at its own time t with t's; fed scale * out + weight * x, the scheduler gets ats's."""
+    def coefficients(u: Tensor) -> tuple[Tensor, Tensor]:
+        return eps_coefficients(model_type, noise_schedule.marginal_alpha(u), noise_schedule.marginal_std(u))
+
+    (a_s, b_s), (a_t, b_t) = coefficients(s), coefficients(t)
+    return b_s / b_t, (a_s - a_t) / b_t
+
+
+def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule, model_type: str | None = None) -> dict:
     """A global schedule as diffusers' ``set_timesteps`` takes it (JSON-ready).
 
     Keys: ``times`` (ats, N+1); ``sigmas`` (N+1: the model's sigma at every time, the last
@@ -97,8 +109,12 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
     with ``timesteps_error_lambda``, the largest |lambda(t) - lambda(rounded t)| over all N+1
     times (the end included); flow schedules ``timesteps``, diffusers' network times sigma * N
     (floats). ``model_timesteps``: where the network is called, when the result has
-    conditioning times. ``scheduler``: the diffusers class and config flags that run
-    ``result.solver`` (or the closest one, see ``notes``); ``notes``: what differs."""
+    conditioning times, with ``model_output_scale`` and ``model_sample_weight`` where the
+    network (``model_type``, ats's: default flow for flow schedules, else noise) predicts other
+    than the noise: the scheduler takes scale * output + weight * x (``output_conversion``, at
+    the scheduler's times: the rounded ones for ``timesteps=``). ``scheduler``: the diffusers
+    class and config flags that run ``result.solver`` (or the closest one, see ``notes``);
+    ``notes``: what differs."""
     ts = _global_times(result, "diffusers")
     steps = len(ts) - 1
     edm = isinstance(noise_schedule, EDMSchedule)
@@ -108,6 +124,9 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
         raise ExportError(f"diffusers' VP schedulers are discrete (DDPM training steps), its EDM ones take sigma and "
                           f"its flow ones the flow sigma; this schedule's noise schedule {noise_schedule!r} is none "
                           "of these")
+    model_type = model_type or ("flow" if flow else "noise")
+    name, config, takes = _scheduler(result, steps, noise_schedule)
+    scheduler_times = ts   # the times the scheduler converts the network's output at
     lam = noise_schedule.marginal_lambda(ts)
     sigmas = model_sigmas(noise_schedule, ts).tolist()
     out = {"method": result.method, "solver": result.solver, "order": result.order, "nfe": result.nfe,
@@ -124,6 +143,8 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
         rounded = torch.cat([ks[:-1], ks.new_zeros(1)]).to(torch.float64).add(1) / n_train
         out["timesteps"] = ks[:-1].tolist()
         out["timesteps_error_lambda"] = (noise_schedule.marginal_lambda(rounded) - lam).abs().max().item()
+        if takes == "timesteps":
+            scheduler_times = rounded
         if abs(ts[-1].item() - 1 / n_train) > 1e-9:
             notes.append(f"the schedule ends at t = {ts[-1].item():.6g}, diffusers' timesteps= at training step 0 "
                          f"(t = 1/{n_train}); the error is part of timesteps_error_lambda; sigmas= keeps the end")
@@ -150,13 +171,17 @@ def diffusers_schedule(result: FitResult, noise_schedule: NoiseSchedule) -> dict
         out["model_timesteps"] = network_time.tolist()[:-1]
         notes.append("the network is called at model_timesteps (LD3's offsets), not at the scheduler's "
                      "timesteps: call unet(x, model_timesteps[i]) in the loop and step the scheduler with its own")
-        if flow:   # ats turns v at s into eps = x + alpha_s v; Euler at t then moves along alpha_s / alpha_t v
-            out["model_output_scale"] = (noise_schedule.marginal_alpha(cond) / noise_schedule.marginal_alpha(ts)
-                                         ).tolist()[:-1]
-            notes.append("ats converts the velocity v the network gives at the offset time s into the noise "
-                         "prediction eps = x + (1 - sigma_s) v; the Euler step at sigma_t then moves along "
-                         "(1 - sigma_s) / (1 - sigma_t) v: multiply the network's output by model_output_scale[i]")
-    name, config, takes = _scheduler(result, steps, noise_schedule)
+        scale, weight = output_conversion(noise_schedule, model_type, cond[:-1], scheduler_times[:-1])
+        plain = [torch.allclose(v, torch.full_like(v, c), rtol=0, atol=1e-12) for v, c in ((scale, 1.), (weight, 0.))]
+        if not edm and not all(plain):   # EDMEulerScheduler preconditions the output its own way
+            out["model_output_scale"] = scale.tolist()
+            given = "model_output_scale[i] * output"
+            if not plain[1]:
+                out["model_sample_weight"] = weight.tolist()
+                given += " + model_sample_weight[i] * x"
+            notes.append(f"ats turns the {model_type} prediction the network gives at the offset time into the noise "
+                         "prediction with that time's coefficients, the scheduler with its own step's: give the "
+                         f"scheduler {given} (x the sample the network sees), as the snippet does")
     exact = ("ddim", "euler") if flow else ("dpm_solver++", "ddim", "euler")
     if result.solver not in exact and not edm:
         notes.append(f"no diffusers scheduler runs {result.solver} on a custom schedule (UniPC takes sigmas= only for "
@@ -179,13 +204,19 @@ def _values(values: list[float]) -> str:
     return repr([round(v, 10) for v in values])
 
 
+def _converted(scale: bool, weight: bool, x: str) -> str:
+    """The snippet's conversion of the network's output (``output_conversion``), if any."""
+    return (" * model_output_scale[i]" if scale else "") + (f" + model_sample_weight[i] * {x}" if weight else "")
+
+
 def diffusers_snippet(export: dict, model_dir: str = MODEL_DIR) -> str:
     """A complete Python script that loads the scheduler config from the model folder
     ``model_dir`` (its ``scheduler/`` in a pipeline folder), sets ``export``'s schedule on the
     scheduler that runs it, prints the timesteps (and ``model_timesteps``, the network's times,
-    where the result has conditioning offsets, with ``model_output_scale`` for flow models) and,
-    for a UNet2DModel folder (ats's diffusers
-    checkpoints: VP and flow models), samples 4 images with the schedule into ``x``."""
+    where the result has conditioning offsets, with the conversion of the network's output
+    where it needs one) and, for a UNet2DModel folder (ats's diffusers checkpoints: VP and flow
+    models), samples 4 images with the schedule into ``x``; for a VP pipeline folder, a comment
+    says how to hand the scheduler to the pipeline."""
     s = export["scheduler"]
     cls, takes = s["class"], s["takes"]
     edm, flow = cls == "EDMEulerScheduler", cls == "FlowMatchEulerDiscreteScheduler"
@@ -212,17 +243,26 @@ def diffusers_snippet(export: dict, model_dir: str = MODEL_DIR) -> str:
         lines += [f"{takes} = {values}",
                   f"scheduler.set_timesteps({takes}={takes})", "timesteps = scheduler.timesteps"]
     lines.append('print("timesteps", [round(float(t), 4) for t in timesteps])')
-    scale = "model_output_scale" in export
+    scale, weight = "model_output_scale" in export, "model_sample_weight" in export
     if offsets:
         lines += ["# where the network is called (LD3's offsets); a tensor: UNet2DModel truncates Python numbers",
                   f"model_timesteps = torch.tensor({_values(export['model_timesteps'])})",
                   'print("model_timesteps", [round(float(t), 4) for t in model_timesteps])']
-    if scale:
-        lines.append(f"model_output_scale = {_values(export['model_output_scale'])}   # (1 - sigma_s) / (1 - sigma_t)")
+    if scale:   # the network's output at model_timesteps as the scheduler reads it at its timesteps
+        lines.append(f"model_output_scale = {_values(export['model_output_scale'])}")
+    if weight:
+        lines.append(f"model_sample_weight = {_values(export['model_sample_weight'])}")
     if edm:
         return "\n".join(lines) + "\n"
     net_time = "model_timesteps[i]" if offsets else "t"
-    lines += ["", "if SUB is None:   # a UNet2DModel checkpoint: sample 4 images with the schedule",
+    lines.append("")
+    if not flow:   # ats drives flow models as UNet2DModel folders only
+        lines.append("# a pipeline folder: pipe = DiffusionPipeline.from_pretrained(MODEL_DIR, scheduler=scheduler); "
+                     f"pipe(prompt, {takes}={takes})")
+    if offsets and not flow:
+        lines.append("# (a pipeline calls its UNet at the scheduler's timesteps: for model_timesteps, loop as below "
+                     "with its UNet and conditions)")
+    lines += ["if SUB is None:   # a UNet2DModel checkpoint: sample 4 images with the schedule",
               "    unet = UNet2DModel.from_pretrained(MODEL_DIR).eval()",
               "    c, size = unet.config.in_channels, unet.config.sample_size",
               "    noise = torch.randn(4, c, size, size, generator=torch.Generator().manual_seed(0))"]
@@ -231,14 +271,15 @@ def diffusers_snippet(export: dict, model_dir: str = MODEL_DIR) -> str:
         lines += [f"    x = {export['init_noise_std']!r} * noise * (1 + scheduler.sigmas[0] ** 2) ** 0.5   # x_T / alpha",
                   "    with torch.no_grad():",
                   "        for i, t in enumerate(timesteps):",
-                  f"            out = unet(scheduler.scale_model_input(x, t), {net_time}).sample",
+                  "            x_in = scheduler.scale_model_input(x, t)",
+                  f"            out = unet(x_in, {net_time}).sample" + _converted(scale, weight, "x_in"),
                   "            x = scheduler.step(out, t, x).prev_sample",
                   f"    x = x * {alpha_end!r}   # back from x / alpha_t"]
     else:
         lines += [f"    x = {export['init_noise_std']!r} * noise   # x_T as ats starts",
                   "    with torch.no_grad():",
                   "        for i, t in enumerate(timesteps):",
-                  f"            out = unet(x, {net_time}).sample" + (" * model_output_scale[i]" if scale else ""),
+                  f"            out = unet(x, {net_time}).sample" + _converted(scale, weight, "x"),
                   "            x = scheduler.step(out, t, x).prev_sample"]
     lines.append('    print("samples", tuple(x.shape), "in", (x.min().item(), x.max().item()))')
     return "\n".join(lines) + "\n"
@@ -327,6 +368,10 @@ def export_torch(result: FitResult, source: ModelSource, out: str | Path, batch:
     (one-shot predictors: x_T -> times), ``meta.json`` and ``ats_predictor.py`` (the loader,
     torch only) into the folder ``out``; returns the files."""
     if not isinstance(result.predictor, (OneShotPredictor, DeltaPredictor)):
+        if result.info.get("vs_start", {}).get("kept") == "start":
+            raise ExportError(f"this {result.method} result kept the global schedule it started from (its predictor "
+                              "was no better on the validation seeds), so it holds no predictor: use --format "
+                              "diffusers, or refit with --option fallback=false to keep the predictor")
         if result.timesteps is not None:
             raise ExportError(f"{result.method} gives one global schedule: use --format diffusers (or its "
                               "schedule.json); --format torch is for the oneshot and delta predictors")

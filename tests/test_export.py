@@ -151,6 +151,9 @@ def test_diffusers_format_refuses_predictor(tmp_path):
     assert "one schedule for the whole batch" in message and "--format torch" in message
     with pytest.raises(ExportError, match="--format diffusers"):
         export_torch(FitResult("ld3", "uni_pc", 3, 5, timesteps=TIMES), source, tmp_path / "x")
+    kept = FitResult("oneshot", "uni_pc", 3, 5, timesteps=TIMES, info={"vs_start": {"kept": "start"}})
+    with pytest.raises(ExportError, match="kept the global schedule it started from .* fallback=false"):
+        export_torch(kept, source, tmp_path / "x")   # a predictor no better than its start
 
 
 RUN_WITHOUT_ATS = textwrap.dedent("""
@@ -236,9 +239,10 @@ def flow_source(tmp_path_factory):
     return cifar10_source(make_flow_checkpoint(tmp_path_factory.mktemp("flow") / "flow-tiny"))
 
 
-# An LD3-like flow schedule (ats times, unshifted) and conditioning offsets (zero at both ends).
+# An LD3-like flow schedule (ats times, unshifted), and conditioning offsets (zero at both ends; VP tests
+# use them too).
 FLOW_TIMES = torch.tensor([0.999, 0.8, 0.55, 0.3, 0.12, 0.001], dtype=torch.float64)
-FLOW_OFFSETS = torch.tensor([0., 0.01, -0.01, 0.02, 0.005, 0.], dtype=torch.float64)
+OFFSETS = torch.tensor([0., 0.01, -0.01, 0.02, 0.005, 0.], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("solver,offsets", [("euler", False), ("ddim", True)])
@@ -247,7 +251,7 @@ def test_flow_export_runs_in_flow_match_euler(flow_source, solver, offsets):
     FlowMatchEulerDiscreteScheduler what ats's Euler / DDIM samples on the same schedule (the
     network called at the LD3 offsets where the result has them)."""
     ns, folder = flow_source.noise_schedule, flow_source.info["checkpoint"]
-    cond = FLOW_TIMES + FLOW_OFFSETS if offsets else None
+    cond = FLOW_TIMES + OFFSETS if offsets else None
     export = diffusers_schedule(FitResult("ld3", solver, None, 5, timesteps=FLOW_TIMES, cond_timesteps=cond), ns)
     assert export["scheduler"]["takes"] == "sigmas" and not any("no diffusers" in n for n in export["notes"])
     code = diffusers_snippet(export, folder)
@@ -275,26 +279,35 @@ def test_cli_exports_a_flow_schedule_with_its_folder(flow_source, tmp_path):
     assert f"MODEL_DIR = {folder!r}" in data["snippet"] and "scheduler.sigmas[-1] = sigmas[-1]" in res.output
 
 
-@pytest.mark.parametrize("solver", ["dpm_solver++", "euler"])
-def test_vp_snippet_samples_a_unet_folder(tmp_path, solver):
+@pytest.mark.parametrize("solver,prediction", [("dpm_solver++", "epsilon"), ("euler", "epsilon"),
+                                               ("dpm_solver++", "v_prediction"), ("euler", "v_prediction")])
+def test_vp_snippet_samples_a_unet_folder(tmp_path, solver, prediction):
     """The VP snippets run on a saved DDPM UNet2DModel folder: DPMSolverMultistepScheduler gives
     ats's DPM-Solver++ samples on the rounded times; EulerDiscreteScheduler (on x / alpha_t) ats's
-    Euler on the exact times with the network called where diffusers calls it."""
+    Euler on the exact times with the network called where diffusers calls it. A v-prediction
+    folder with LD3's offsets: the network at model_timesteps, its output converted for the
+    scheduler (model_output_scale, model_sample_weight)."""
     from test_cifar10 import make_checkpoint
     from ats.models.diffusers_unet import cifar10_source
-    make_checkpoint(tmp_path / "ddpm")
+    make_checkpoint(tmp_path / "ddpm", prediction)
     source = cifar10_source(tmp_path / "ddpm")
-    export = diffusers_schedule(FitResult("ld3", solver, None, 5, timesteps=TIMES), source.noise_schedule)
+    cond = TIMES + OFFSETS if prediction == "v_prediction" else None
+    export = diffusers_schedule(FitResult("ld3", solver, None, 5, timesteps=TIMES, cond_timesteps=cond),
+                                source.noise_schedule, source.info["model_type"])
+    assert ("model_sample_weight" in export) == (cond is not None)
     scope = {}
     exec(compile(diffusers_snippet(export, tmp_path / "ddpm"), "snippet", "exec"), scope)
     noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
     x = noise.double() * export["init_noise_std"]
     with torch.no_grad():
         if solver == "euler":
-            called = torch.cat([(scope["timesteps"].to(torch.float64) + 1) / 1000, TIMES[-1:]])
+            called = torch.cat([(scope["timesteps"].to(torch.float64) + 1) / 1000, TIMES[-1:]]) if cond is None \
+                else cond
             ref = sample(source.model_fn, source.noise_schedule, x, TIMES, "euler", cond_timesteps=called)
         else:
             rounded = (torch.tensor(export["timesteps"] + [0], dtype=torch.float64) + 1) / 1000
-            ref = sample(source.model_fn, source.noise_schedule, x, rounded, "dpm_solver++", order=2)
-    # the random U-Net's noise predictions send x0 to a few hundred: compare relative to that (float32 steps)
-    assert (ref - noise).abs().max() > 0.5 and (scope["x"] - ref).abs().max() < 2e-6 * ref.abs().max()
+            ref = sample(source.model_fn, source.noise_schedule, x, rounded, "dpm_solver++", order=2,
+                         cond_timesteps=cond)
+    # the random U-Net's noise predictions send x0 to a few hundred, its v predictions to a few: compare
+    # relative to that, float32 steps (measured 2e-7 and 1.4e-6 of the largest value)
+    assert (ref - noise).abs().max() > 0.5 and (scope["x"] - ref).abs().max() < 2e-6 * ref.abs().max() + 1e-5

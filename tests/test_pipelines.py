@@ -298,11 +298,19 @@ def test_prompts_files_errors(models, tmp_path):
     assert result.exit_code == 2 and 'has no "annotations" list' in result.output
 
 
-def fit_args(models, tmp_path, method: str, *options: str) -> list[str]:
-    return ["fit", "--method", method, "--dataset", "diffusers", "--checkpoint", str(models["text"]), "--prompts",
-            str(models["prompts"]), "--guidance-scale", "2", "--solver", "dpm_solver++", "--nfe", "3", "--n-train",
-            "4", "--n-valid", "4", "--n-eval", "6", "--teacher-nfe", "8", "--cache", str(models["root"] / "cache"),
-            "--out", str(tmp_path / method), *(a for o in options for a in ("--option", o))]
+def model_args(models, kind: str = "text") -> list[str]:
+    """The dataset options of the text pipeline (guidance scale 2) or the class-conditional folder."""
+    if kind == "class":
+        return ["--dataset", "diffusers", "--checkpoint", str(models["class"])]
+    return ["--dataset", "diffusers", "--checkpoint", str(models["text"]), "--prompts", str(models["prompts"]),
+            "--guidance-scale", "2"]
+
+
+def fit_args(models, tmp_path, method: str, *options: str, kind: str = "text") -> list[str]:
+    return ["fit", "--method", method, *model_args(models, kind), "--solver", "dpm_solver++", "--nfe", "3",
+            "--n-train", "4", "--n-valid", "4", "--n-eval", "6", "--teacher-nfe", "8", "--cache",
+            str(models["root"] / "cache"), "--out", str(tmp_path / method),
+            *(a for o in options for a in ("--option", o))]
 
 
 def test_fit_ld3_through_the_cli_ranks_by_the_teacher_distance_and_samples_images(models, tmp_path):
@@ -314,10 +322,8 @@ def test_fit_ld3_through_the_cli_ranks_by_the_teacher_distance_and_samples_image
     schedule = json.loads((tmp_path / "ld3" / "schedule.json").read_text())
     assert len(schedule["timesteps"]) == 4 and schedule["info"]["source"] == "pipeline:sd-tiny-cfg2"
     grid = tmp_path / "grid.png"
-    result = CliRunner().invoke(main, ["sample", "--schedule", str(tmp_path / "ld3" / "schedule.json"), "--dataset",
-                                       "diffusers", "--checkpoint", str(models["text"]), "--prompts",
-                                       str(models["prompts"]), "--guidance-scale", "2", "--n", "4", "--out",
-                                       str(grid)])
+    result = CliRunner().invoke(main, ["sample", "--schedule", str(tmp_path / "ld3" / "schedule.json"),
+                                       *model_args(models), "--n", "4", "--out", str(grid)])
     assert result.exit_code == 0, result.output
     from PIL import Image
     assert Image.open(grid).size == (2 * (16 * 4 + 1) + 1,) * 2   # 2 x 2 decoded 16 x 16 images, drawn 4x
@@ -331,14 +337,128 @@ def test_fit_a_predictor_through_the_cli(models, tmp_path):
     predictor = load_result(tmp_path / "oneshot" / "result.pt").predictor
     assert predictor.config["shape"] == [4, 8, 8] and predictor.config["num_classes"] == 0
     assert "best method oneshot" in " ".join(result.output.split())
-    model = ["--dataset", "diffusers", "--checkpoint", str(models["text"]), "--prompts", str(models["prompts"]),
-             "--guidance-scale", "2"]
+    model = model_args(models)
     result = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "oneshot" / "result.pt"), *model,
                                        "--format", "torch", "--out", str(tmp_path / "exported")])
     assert result.exit_code == 2 and "is text-conditional" in result.output and "--format diffusers" in result.output
     result = CliRunner().invoke(main, ["sample", "--schedule", str(tmp_path / "oneshot" / "result.pt"), *model,
                                        "--n", "2", "--label", "0", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 2 and "each seed has its own prompt" in result.output
+
+
+def fit_and_export(models, tmp_path, kind: str, *options: str) -> dict:
+    """`ats fit --method ld3` (dpm_solver++, NFE 3) on the model ``kind`` and `ats export
+    --format diffusers` of its schedule.json, through the CLI; the exported JSON."""
+    done = CliRunner().invoke(main, fit_args(models, tmp_path, "ld3", "epochs=2", "batch_size=4", *options, kind=kind))
+    assert done.exit_code == 0, done.output
+    out = tmp_path / "exported.json"
+    done = CliRunner().invoke(main, ["export", "--schedule", str(tmp_path / "ld3" / "schedule.json"),
+                                     *model_args(models, kind), "--format", "diffusers", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    return json.loads(out.read_text())
+
+
+def snippet_scope(export: dict) -> dict:
+    """What the export's script defines when it runs: the scheduler with the schedule set, ``timesteps``, ..."""
+    scope: dict = {}
+    exec(compile(export["snippet"], "snippet", "exec"), scope)
+    return scope
+
+
+def assert_ats_samples(theirs: torch.Tensor, source, result_path: Path, export: dict, x: torch.Tensor,
+                       labels: torch.Tensor) -> None:
+    """``theirs`` (diffusers from ``x``) is what ats samples with the fitted result on the
+    exported timesteps= (the learned times rounded to training steps; the network at the
+    learned conditioning times), up to float32 rounding (measured 7e-7 and 7e-6 of the largest
+    value); and the rounding moves ats's samples on the learned times little (0.14 %)."""
+    from ats.methods import load_result
+    result = load_result(result_path)
+    rounded = (torch.tensor(export["timesteps"] + [0], dtype=torch.float64) + 1) / 1000
+    cond = None if result.cond_timesteps is None else result.cond_timesteps.float()
+    with torch.no_grad():
+        ours, learned = (sample(source.model_fn_for(labels), source.noise_schedule, x, ts.float(), result.solver,
+                                order=result.order, cond_timesteps=cond) for ts in (rounded, result.timesteps))
+    size = ours.abs().max()
+    assert (ours - x).abs().max() > 0.1 * size, "the samples did not move"
+    assert (theirs - ours).abs().max() < 3e-5 * size
+    assert export["timesteps_error_lambda"] < 0.01 and (learned - ours).abs().max() < 0.01 * size
+
+
+def test_an_exported_schedule_runs_back_through_the_text_pipeline(models, tmp_path):
+    """`ats fit` LD3 and `ats export` on the text-to-image pipeline; the script's
+    DPMSolverMultistepScheduler (the pipeline's scheduler/ config with the export's flags),
+    handed to the StableDiffusionPipeline with the exported timesteps as the script's comment
+    says, samples from ats's latents and prompts what ats samples on those times. The fit
+    learns no conditioning offsets (learn_xi=false): a pipeline calls its UNet at the
+    scheduler's own timesteps (offsets: the next test's loop by hand)."""
+    export = fit_and_export(models, tmp_path, "text", "learn_xi=false")
+    assert export["scheduler"]["class"] == "DPMSolverMultistepScheduler" and "model_timesteps" not in export
+    assert "pipe(prompt, timesteps=timesteps)" in export["snippet"]
+    scope = snippet_scope(export)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(models["text"], scheduler=scope["scheduler"],
+                                                             safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    source = load_source("diffusers", checkpoint=str(models["text"]), prompts=str(models["prompts"]),
+                         guidance_scale=2.0)
+    seeds = split_seeds("eval", 3)
+    x, labels = source.latents(seeds, torch.float32), source.labels(seeds)
+    with torch.no_grad():
+        theirs = pipe([PROMPTS[i] for i in labels.tolist()], timesteps=scope["timesteps"], guidance_scale=2.0,
+                      latents=x.clone(), output_type="latent").images
+    assert pipe.scheduler.timesteps.tolist() == export["timesteps"]
+    assert_ats_samples(theirs, source, tmp_path / "ld3" / "result.pt", export, x, labels)
+
+
+def test_an_exported_schedule_with_offsets_runs_back_by_hand_on_the_class_folder(models, tmp_path):
+    """`ats fit` LD3 (with its conditioning offsets) and `ats export` on the class-conditional
+    latent folder (v-prediction); the script's scheduler stepped by hand, the UNet called at
+    model_timesteps with each seed's class and its output converted as the export says, samples
+    what ats samples on the exported times."""
+    export = fit_and_export(models, tmp_path, "class")
+    assert {"model_timesteps", "model_output_scale", "model_sample_weight"} <= set(export)
+    scope = snippet_scope(export)
+    source = load_source("diffusers", checkpoint=str(models["class"]))
+    unet, scheduler = source.networks[0], scope["scheduler"]
+    seeds = split_seeds("eval", 3)
+    x, labels = source.latents(seeds, torch.float32), source.labels(seeds)
+    context = torch.zeros(len(x), 1, unet.config.cross_attention_dim)   # no text: one all-zero token, as ats's
+    y = x
+    with torch.no_grad():
+        for i, t in enumerate(scope["timesteps"]):
+            out = unet(y, scope["model_timesteps"][i], encoder_hidden_states=context, class_labels=labels).sample
+            out = out * scope["model_output_scale"][i] + scope["model_sample_weight"][i] * y
+            y = scheduler.step(out, t, y).prev_sample
+    assert_ats_samples(y, source, tmp_path / "ld3" / "result.pt", export, x, labels)
+
+
+def test_a_predictor_on_the_class_folder_fits_samples_and_exports(models, tmp_path):
+    """A one-shot predictor on the class-conditional latent folder through `ats fit`, `ats
+    sample` and `ats export --format torch`; the exported sampler gives ats's samples."""
+    done = CliRunner().invoke(main, fit_args(models, tmp_path, "oneshot", "epochs=1", "batch_size=4", "fallback=false",
+                                             'ld3={"epochs": 1, "batch_size": 4}', kind="class"))
+    assert done.exit_code == 0, done.output
+    result_path = tmp_path / "oneshot" / "result.pt"
+    done = CliRunner().invoke(main, ["sample", "--schedule", str(result_path), *model_args(models, "class"), "--n",
+                                     "4", "--out", str(tmp_path / "s.png")])
+    assert done.exit_code == 0, done.output
+    folder = tmp_path / "exported"
+    done = CliRunner().invoke(main, ["export", "--schedule", str(result_path), *model_args(models, "class"),
+                                     "--format", "torch", "--batch", "2", "--out", str(folder)])
+    assert done.exit_code == 0, done.output
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("class_predictor", folder / "ats_predictor.py")
+    exported = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exported)
+    from ats.methods import load_result
+    from ats.methods.predictors import PredictorSampler
+    result = load_result(result_path)
+    source = load_source("diffusers", checkpoint=str(models["class"]))
+    seeds = split_seeds("eval", 3)
+    x, labels = source.latents(seeds, source.dtype), source.labels(seeds)
+    x0, times = exported.sample(x, labels)
+    with torch.no_grad():
+        ours, our_times = PredictorSampler(result.predictor, source, result.solver, result.order)(x, labels)
+    assert (times - our_times).abs().max() < 1e-6 and (x0 - ours).abs().max() < 1e-4 * ours.abs().max()
 
 
 def flow_folder(root: Path) -> Path:

@@ -2,8 +2,9 @@
 
 Two layouts, told apart by their files:
 
-- a ``UNet2DModel`` folder (``config.json``, weights, ``scheduler_config.json``; the
-  google/ddpm-cifar10-32 layout), sampled in pixel space by ``ats.models.diffusers_unet``;
+- a ``UNet2DModel`` folder (``config.json``, weights, ``scheduler_config.json``: DDPM betas or
+  flow matching; the google/ddpm-cifar10-32 layout), sampled in pixel space by
+  ``ats.models.diffusers_unet``;
 - a latent pipeline folder (``model_index.json``): ``unet/`` UNet2DConditionModel, ``vae/``
   AutoencoderKL, ``scheduler/`` (any scheduler built on DDPM betas: DDPM, DDIM, PNDM, Euler,
   LMS, DPM-Solver, UniPC, ...) and optionally ``text_encoder/`` CLIPTextModel + ``tokenizer/``.
@@ -49,9 +50,9 @@ from .diffusers_unet import PREDICTION_TYPES
 from .wrapper import model_wrapper
 
 INSTALL = "pip install 'ats[diffusers]'"
-SUPPORTED = ("ats drives a diffusers UNet2DModel folder (config.json, scheduler_config.json) or a pipeline folder "
-             "(model_index.json) with unet/ UNet2DConditionModel, vae/ AutoencoderKL, scheduler/ on DDPM betas and "
-             "optionally text_encoder/ CLIPTextModel + tokenizer/ CLIPTokenizer")
+SUPPORTED = ("ats drives a diffusers UNet2DModel folder (config.json, scheduler_config.json on DDPM betas or flow "
+             "matching) or a pipeline folder (model_index.json) with unet/ UNet2DConditionModel, vae/ AutoencoderKL, "
+             "scheduler/ on DDPM betas and optionally text_encoder/ CLIPTextModel + tokenizer/ CLIPTokenizer")
 UNETS, VAES, TEXT_ENCODERS = ("UNet2DConditionModel",), ("AutoencoderKL",), ("CLIPTextModel",)
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast")
 PROMPTS_FORMAT = 'one prompt per line, or a COCO captions JSON {"annotations": [{"caption": ...}, ...]}'
@@ -168,7 +169,8 @@ def scheduler_schedule(config: dict, where: str | Path) -> tuple[NoiseScheduleVP
     cls = config.get("_class_name", "the scheduler")
     if "FlowMatch" in str(cls) or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
         raise ValueError(f"{where}: {cls} is a flow-matching scheduler; ats drives pipelines whose scheduler has "
-                         "DDPM betas (DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC, ...)")
+                         "DDPM betas (DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC, ...), and flow matching in "
+                         "UNet2DModel folders only")
     if "beta_schedule" not in config and config.get("trained_betas") is None:
         raise ValueError(f"{where}: {cls} has no beta_schedule or trained_betas; ats drives schedulers on DDPM betas "
                          "(DDPM, DDIM, PNDM, Euler, DPM-Solver, UniPC, ...)")

@@ -38,6 +38,24 @@ def _batch_cat(a: Any, b: Any) -> Any:
     return torch.cat([a, b])
 
 
+def eps_coefficients(model_type: str, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) with eps = a * x + b * out: the noise prediction from the sample x and the output
+    ``out`` of a ``model_type`` network at a time of coefficients alpha, sigma (the conversions
+    above; for edm, x itself, not the input x / alpha)."""
+    if model_type in ("x_start", "edm"):
+        return 1 / sigma, -alpha / sigma
+    if model_type == "v":
+        norm = alpha ** 2 + sigma ** 2
+        return sigma / norm, alpha / norm
+    if model_type == "flow":
+        return 1 / (alpha + sigma), alpha / (alpha + sigma)
+    if model_type == "score":
+        return torch.zeros_like(sigma), -sigma
+    if model_type == "noise":
+        return torch.zeros_like(sigma), torch.ones_like(sigma)
+    raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
+
+
 def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: str = "noise",
                   guidance_type: str = "uncond", guidance_scale: float = 1.,
                   condition: Any = None, unconditional_condition: Any = None,
@@ -93,13 +111,8 @@ def model_wrapper(model: Callable, noise_schedule: NoiseSchedule, model_type: st
         sigma = expand_dims(noise_schedule.marginal_std(t), x.ndim)
         x_in = x / alpha if model_type == "edm" else x
         out = model(*((x_in, time_input(t)) if cond is None else (x_in, time_input(t), cond)), **kwargs)
-        if model_type in ("x_start", "edm"):
-            return (x - alpha * out) / sigma
-        if model_type == "v":
-            return (alpha * out + sigma * x) / (alpha ** 2 + sigma ** 2)
-        if model_type == "flow":
-            return (x + alpha * out) / (alpha + sigma)
-        return -sigma * out
+        a, b = eps_coefficients(model_type, alpha, sigma)
+        return a * x + b * out
 
     def cond_grad(x: Tensor, t: Tensor) -> Tensor:
         create_graph = torch.is_grad_enabled()

@@ -101,13 +101,13 @@ def test_the_oracle_scored_on_the_first_seeds_pairs_with_every_schedule_there(se
     """n_scored: the oracle's row is on the first N_ORACLE evaluation seeds, and its changes
     against LD3 and the best baseline use their estimates on those same seeds (their result
     folders keep them beside the full ones); the verdict names a method scored on all seeds."""
-    [summary] = search["root"].glob("**/summary/summary.json")
+    [summary] = search["root"].glob("runs/*/summary/summary.json")
     rows = {r["name"]: r for r in json.loads(summary.read_text())}
     oracle, ld3 = rows["oracle"], rows["ld3"]
     assert (oracle["n"], oracle["seeds"]) == (N_ORACLE, f"eval:0+{N_ORACLE}")
     assert (ld3["n"], ld3["seeds"]) == (N_EVAL, f"eval:0+{N_EVAL}")
     assert oracle["vs_ld3_pct"] is not None and oracle["vs_best_baseline_pct"] is not None
-    [ld3_folder] = (p.parent for p in search["root"].glob("**/fid.json")
+    [ld3_folder] = (p.parent for p in search["root"].glob("runs/**/fid.json")
                     if json.loads((p.parent / "metrics.json").read_text()).get("fid_eval") == ld3["fid"])
     fids = json.loads((ld3_folder / "fid.json").read_text())
     assert {"select", "eval", f"select:0+{N_ORACLE}", f"eval:0+{N_ORACLE}"} <= set(fids)
@@ -142,7 +142,7 @@ def test_sample_a_run_side_by_side_and_on_the_oracle_seeds(search, tmp_path):
     assert done.exit_code == 0 and f"seeds {split_seeds('eval', 1)[0]}.." in done.output, done.output
     done = invoke(run_args(search, "sample", "oracle", "--n", "8", "--seed", "3", "--out", str(tmp_path / "x.png")))
     assert done.exit_code == 2 and "leave out --seed" in done.output
-    done = invoke(run_args(search, "sample", "oracle", "--label", "1", "--out", str(tmp_path / "x.png")))
+    done = invoke(run_args(search, "sample", "oracle", "--n", "8", "--label", "1", "--out", str(tmp_path / "x.png")))
     assert done.exit_code == 2 and "leave out --label" in done.output
     done = invoke(run_args(search, "sample", "oneshot", "--label", "1", "--out", str(tmp_path / "x.png")))
     assert done.exit_code == 2 and "--label needs a class-conditional model" in done.output

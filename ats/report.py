@@ -33,11 +33,12 @@ class Row:
     reference: str | None = None         # the baseline vs_baseline is measured against
     others: dict[str, FidEstimate] = field(default_factory=dict)   # on other seed sets, by name: for pairing
     subset: bool = False                 # scored on fewer seeds than the table's other rows (set by compare)
+    note: str = ""                       # what the name does not say (e.g. a predictor that fell back)
 
     @property
     def label(self) -> str:
         return self.name + (" (baseline)" if self.kind == "baseline" else "") + \
-            (f" (first {self.fid.n} seeds)" if self.subset else "")
+            (f" (first {self.fid.n} seeds)" if self.subset else "") + (f" ({self.note})" if self.note else "")
 
     def on(self, seeds: str) -> FidEstimate | None:
         """This schedule's estimate on the seed set ``seeds``, if it was scored there."""
@@ -118,7 +119,7 @@ def verdict(rows: Sequence[Row]) -> str:
     if not methods:
         return f"no method finished; the best baseline is {ref}" if ref else "nothing finished"
     best = min(methods, key=lambda r: r.fid.fid)
-    head = f"{best.solver} NFE {best.nfe}: best method {best.name}, {score_name(rows)} {best.fid.text()}"
+    head = f"{best.solver} NFE {best.nfe}: best method {best.label}, {score_name(rows)} {best.fid.text()}"
     if ref is None:
         return head
     c = best.vs_baseline

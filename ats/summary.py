@@ -74,8 +74,10 @@ def _row(cell: Cell, kind: str, folder: Path, metrics: dict[str, float], run_id:
     fids = load_fids(folder)
     if "eval" not in fids:
         return None
+    fell_back = metrics.get("kept_predictor") == 0
     return Row(cell.method, cell.solver, cell.nfe, fids["eval"], kind, metrics.get("l2_eval", math.nan), run_id,
-               metrics.get("fid_select", math.nan), others={f.seeds: f for f in fids.values()})
+               metrics.get("fid_select", math.nan), others={f.seeds: f for f in fids.values()},
+               note="LD3's schedule: the predictor was not better on the validation seeds" if fell_back else "")
 
 
 def change_metrics(r: Row, suffix: str = "") -> dict[str, float]:

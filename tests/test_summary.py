@@ -128,6 +128,15 @@ def test_rows_and_paired_changes_against_the_baseline_chosen_on_selection_seeds(
     assert [r.name for r in partial] == ["time_uniform", "logSNR", "delta"] and partial[-1].vs_ld3.text() == ""
 
 
+def test_a_predictor_that_fell_back_says_so_in_the_table(recorded):
+    study, folder, baselines, chosen = recorded
+    fell_back = {k: ({**v, "metrics": {**v["metrics"], "kept_predictor": 0.0}} if k.startswith("delta") else v)
+                 for k, v in chosen.items()}
+    labels = [r.label for r in summary_rows(study, folder, baselines, fell_back)]
+    assert labels[-2:] == ["ld3", "delta (LD3's schedule: the predictor was not better on the validation seeds)"]
+    assert [r.label for r in summary_rows(study, folder, baselines, chosen)][-1] == "delta"
+
+
 def test_summary_files_logs_and_table(recorded):
     study, folder, baselines, chosen = recorded
     tracker = Recorder()

@@ -134,6 +134,16 @@ class TeacherDistance:
         return FidEstimate(float(d.mean()), len(d), seeds, reps, self.name)
 
 
+def paired_distance(metric, images: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """d_i between samples and the teacher's from the same x_T, in the space the tables' score
+    sees them: ||phi(images(x_i)) - phi(images(x0*_i))|| in the metric's features phi (FID), or
+    for ``TeacherDistance`` the distance of the samples themselves. The per-sample, paired
+    stand-in for the table's score where there are too few samples for a FID."""
+    if isinstance(metric, TeacherDistance):
+        return lambda x, target: (x.double() - target.to(x.device).double()).flatten(1).norm(dim=1)
+    return lambda x, target: (fake_features(metric, images(x)) - fake_features(metric, images(target))).norm(dim=1)
+
+
 def frechet_distance(metric, fake: Tensor) -> float:
     """FID of ``fake`` (images in [-1, 1], or points) against the metric's real side, no interval."""
     return frechet_estimate(metric, fake, replicates=0).fid

@@ -68,7 +68,7 @@ def prefix_sets(study: Study, split: str, n: int) -> dict[str, int]:
     """The smaller seed sets of ``split`` that some method of the study is scored on (seed-set
     name -> count): every schedule is scored on them too, from the same samples, so that those
     methods' rows pair with every other row."""
-    sizes = {scored_size(study, m.name, split) for m in study.methods} - {n}
+    sizes = {scored_size(study, m.name, split) for m in study.methods}
     return {seed_set(split, k): k for k in sorted(sizes) if k < n}
 
 
@@ -163,7 +163,7 @@ def run_trial(study: Study, method: str, solver: str, nfe: int, options: dict[st
     for split, s in scores.items():
         metrics.update(s.metrics(split))
     last = list(scores)[-1]
-    _keep_schedules(study, result, scores[last], last)
+    _keep_schedules(result, scores[last], last)
     scored = Scored(_on_cpu(result), metrics, scores[last].samples.cpu())
     write_folder(scored, source, out, {k: v for split, s in scores.items() for k, v in s.fids(split).items()})
     return scored
@@ -178,13 +178,13 @@ def evaluate_folder(study: Study, folder: str | Path, options: dict[str, Any], c
     result = load_result(folder / "result.pt")
     s = score(study, source, result, options, "eval", cache, device)
     metrics = {**json.loads((folder / "metrics.json").read_text()), **s.metrics("eval")}
-    _keep_schedules(study, result, s, "eval")
+    _keep_schedules(result, s, "eval")
     fids = {**load_fids(folder), **s.fids("eval")}
     write_folder(Scored(_on_cpu(result), metrics, s.samples.cpu()), source, folder, fids)
     return metrics
 
 
-def _keep_schedules(study: Study, result: FitResult, s: SplitScore, split: str) -> None:
+def _keep_schedules(result: FitResult, s: SplitScore, split: str) -> None:
     """Per-sample schedules are saved with the seeds they belong to."""
     if s.schedules is not None:
         result.per_sample = s.schedules.detach().cpu()

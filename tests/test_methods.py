@@ -239,3 +239,22 @@ def test_a_cell_fits_ld3s_start_and_the_training_optimum_once_for_all_its_trials
     calls.clear()
     fit_method("oracle", source, "uni_pc", 4, seed=1, options={"ld3": shared["ld3"], **shared["oracle"]}, **common)
     assert {"ld3", "descent"} <= set(calls) and len(list((tmp_path / "shared").glob("*.pt"))) == 4
+
+
+def test_the_fallback_compares_samples_in_the_features_of_the_tables_score():
+    """paired_distance: per-sample distances in the FID's features (the digits classifier's),
+    which rank samples otherwise than pixel L2; the teacher distance where there is no FID."""
+    from ats.metrics import TeacherDistance, fake_features, paired_distance
+    from ats.models.sources import load_source
+    source = load_source("digits")
+    metric = source.make_metric()
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand((8, *source.shape), generator=g) * 2 - 1
+    near, blurred = target + 0.3 * torch.randn(target.shape, generator=g), target * 0.1
+    distance = paired_distance(metric, source.images)
+    expected = (fake_features(metric, near) - fake_features(metric, target)).norm(dim=1)
+    torch.testing.assert_close(distance(near, target), expected)
+    pixels = paired_distance(TeacherDistance(), source.images)
+    torch.testing.assert_close(pixels(near, target), (near - target).flatten(1).norm(dim=1).double())
+    assert (distance(near, target) > 0).all() and not torch.equal(distance(blurred, target).argsort(),
+                                                                  pixels(blurred, target).argsort())

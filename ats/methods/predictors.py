@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..losses import LOSS_NAMES, teacher_loss
 from ..models.base import ModelSource
 from ..options import Option, declare
-from ..intervals import paired_mean_change
+from ..intervals import Change, paired_mean_change
+from ..metrics import paired_distance
 from ..params import SPACES, carried_cond_time, carried_cond_timesteps, timesteps_from_logits
 from ..solvers import Coeffs, CondTime, NetworkCalls, NextTime, bind_solver, coeffs, sample
 from ..tensors import expand_dims
@@ -389,7 +390,9 @@ class _Predictor(Method):
                            "width": 1},
                       positive=("lr",),
                       extra=(START_SAMPLES, Option("min_gain", frozenset({"float"}), 0.5, low=0,
-                                                   help="the validation gain (%) a predictor needs over its start"),
+                                                   help="the gain (%) a predictor needs over its start on the "
+                                                        "validation seeds, in the distance to the teacher in the "
+                                                        "FID's features"),
                              Option("fallback", frozenset({"bool"}), True,
                                     help="false: keep the predictor even where it is no better than its start"),
                              *NETWORK_OPTIONS.values()))
@@ -408,16 +411,18 @@ class _Predictor(Method):
         result.info["ld3_timesteps"] = start.timesteps.tolist()   # the global schedule it started from
         if result.info.get("interrupted"):
             return result
-        return keep_if_better(ctx, result, start, options.get("loss", "l2"), min_gain if fallback else -math.inf)
+        return keep_if_better(ctx, result, start, min_gain if fallback else -math.inf)
 
 
-def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, loss: str, min_gain: float) -> FitResult:
-    """``result`` where its mean validation loss is at least ``min_gain`` % below the start's
-    and the paired 95 % interval of the change lies below zero; else the start (its global
-    schedule under the result's method name); ``min_gain`` -inf keeps the predictor whatever the
-    change. ``info["vs_start"]`` records the change and which was kept."""
-    src, loss_fn = ctx.source, teacher_loss(loss, ctx.source, ctx.calls)
-    valid = loss_fn.targets(ctx.valid)
+def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, min_gain: float) -> FitResult:
+    """``result`` where its mean distance to the teacher on the validation seeds, in the
+    features of the score the tables rank by (``paired_distance``: the FID's features; a
+    training loss such as the L2 of pixels can improve while the FID gets worse), is at least
+    ``min_gain`` % below the start's and the paired 95 % interval of the change lies below
+    zero; else the start (its global schedule under the result's method name); ``min_gain``
+    -inf keeps the predictor whatever the change. ``info["vs_start"]`` records the change and
+    which was kept."""
+    src, valid = ctx.source, ctx.valid
     x, dtype = valid.latents, valid.latents.dtype
     with torch.no_grad():
         new, _ = PredictorSampler(result.predictor, src, result.solver, result.order,
@@ -425,7 +430,11 @@ def keep_if_better(ctx: FitContext, result: FitResult, start: FitResult, loss: s
         cond = None if start.cond_timesteps is None else start.cond_timesteps.to(dtype)
         old = sample(src.model_fn_for(valid.labels), src.noise_schedule, x, start.timesteps.to(dtype), start.solver,
                      order=start.order, cond_timesteps=cond, **ctx.calls.kwargs)
-    change = paired_mean_change(*(loss_fn(out, valid.targets).cpu().numpy() for out in (new, old)))
+    if not torch.isfinite(new).all():
+        change = Change(math.inf, math.inf, math.inf)
+    else:
+        distance = paired_distance(src.make_metric(), src.images)
+        change = paired_mean_change(*(distance(out, valid.targets).cpu().numpy() for out in (new, old)))
     n = len(x)
     better = min_gain == -math.inf or (change.high < 0 and change.pct <= -min_gain)
     record = {"pct": float(change.pct), "low": float(change.low), "high": float(change.high), "n": n,
